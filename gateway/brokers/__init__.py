@@ -1,0 +1,1 @@
+"""Broker backends behind one Protocol: RabbitMQ (production) and embedded SQLite (default)."""

@@ -1,0 +1,161 @@
+"""The NSW envelope (``urn:nsw:envelope:1``): names, reading the header, building envelopes.
+
+Shape (see ``schemas/envelope.xsd``)::
+
+    Envelope
+      Header
+        Reference   version, messageId
+        From / To   name, identity, countryCode, ministryCode?, organizationCode?, unitCode?
+        Subject     documentType, function, reference, preReference?, sendDate
+      Body
+        Content Id="content"   one business document in its own namespace
+        ds:Signature?          the issuing authority's signature over Content
+      ds:Signature             the SystemSignature (enveloped, over the whole Envelope)
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from lxml import etree
+
+from gateway.errors import ErrorCode, Rejected
+from gateway.model import Header, PartyRef
+
+NS = "urn:nsw:envelope:1"
+DS = "http://www.w3.org/2000/09/xmldsig#"
+NSMAP = {"e": NS, "ds": DS}
+CONTENT_ID = "content"
+
+RECEIPT_FUNCTION = "99"
+REJECTION_FUNCTION = "21"
+
+
+def q(local: str) -> str:
+    """Clark name of an envelope element."""
+    return f"{{{NS}}}{local}"
+
+
+ENVELOPE = q("Envelope")
+HEADER = q("Header")
+BODY = q("Body")
+CONTENT = q("Content")
+SIGNATURE = f"{{{DS}}}Signature"
+
+_PARTY_FIELDS = (
+    ("identity", "identity"),
+    ("name", "name"),
+    ("country_code", "countryCode"),
+    ("ministry_code", "ministryCode"),
+    ("organization_code", "organizationCode"),
+    ("unit_code", "unitCode"),
+)
+
+
+def _text(parent: etree._Element, path: str, *, required: bool = True) -> str | None:
+    node = parent.find(path, NSMAP)
+    value = node.text.strip() if node is not None and node.text else ""
+    if not value:
+        if required:
+            where = "/".join(step.removeprefix("e:") for step in path.split("/"))
+            raise Rejected(
+                ErrorCode.SCHEMA_INVALID,
+                f"required header field {where.rsplit('/', 1)[-1]} is missing or empty",
+                f"/Envelope/Header/{where}",
+            )
+        return None
+    return value
+
+
+def _party(header: etree._Element, block: str) -> PartyRef:
+    values = {
+        attr: _text(header, f"e:{block}/e:{xml}", required=attr == "identity") or ""
+        for attr, xml in _PARTY_FIELDS
+    }
+    return PartyRef(**values)
+
+
+def parse_send_date(value: str, location: str) -> datetime:
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise Rejected(ErrorCode.SCHEMA_INVALID, f"sendDate {value!r} is not an ISO 8601 date-time", location) from exc
+    if parsed.tzinfo is None:
+        raise Rejected(ErrorCode.SCHEMA_INVALID, "sendDate must carry a time zone (e.g. Z)", location)
+    return parsed.astimezone(UTC)
+
+
+def parse_header(envelope: etree._Element) -> Header:
+    """Read the header of a (signed) envelope tree. Raises ``Rejected(SCHEMA_INVALID)`` naming the field."""
+    if envelope.tag != ENVELOPE:
+        raise Rejected(
+            ErrorCode.SCHEMA_INVALID,
+            f"root element is {envelope.tag}, expected {{{NS}}}Envelope",
+            "/*[1]",
+        )
+    header = envelope.find("e:Header", NSMAP)
+    if header is None:
+        raise Rejected(ErrorCode.SCHEMA_INVALID, "the envelope has no Header", "/Envelope/Header")
+    send_date = _text(header, "e:Subject/e:sendDate") or ""
+    return Header(
+        version=_text(header, "e:Reference/e:version") or "",
+        message_id=_text(header, "e:Reference/e:messageId") or "",
+        sender=_party(header, "From"),
+        recipient=_party(header, "To"),
+        document_type=_text(header, "e:Subject/e:documentType") or "",
+        function=_text(header, "e:Subject/e:function") or "",
+        reference=_text(header, "e:Subject/e:reference") or "",
+        pre_reference=_text(header, "e:Subject/e:preReference", required=False),
+        send_date=parse_send_date(send_date, "/Envelope/Header/Subject/sendDate"),
+    )
+
+
+def content_document(envelope: etree._Element) -> etree._Element:
+    """The single business document inside ``Body/Content``."""
+    content = envelope.find("e:Body/e:Content", NSMAP)
+    if content is None:
+        raise Rejected(ErrorCode.SCHEMA_INVALID, "the envelope has no Body/Content", "/Envelope/Body/Content")
+    children = [child for child in content if isinstance(child.tag, str)]
+    if len(children) != 1:
+        raise Rejected(
+            ErrorCode.SCHEMA_INVALID,
+            f"Body/Content must hold exactly one document, found {len(children)}",
+            "/Envelope/Body/Content",
+        )
+    return children[0]
+
+
+def _party_block(parent: etree._Element, block: str, party: PartyRef) -> None:
+    node = etree.SubElement(parent, q(block))
+    for attr, xml in (("name", "name"), ("identity", "identity"), ("country_code", "countryCode"),
+                      ("ministry_code", "ministryCode"), ("organization_code", "organizationCode"),
+                      ("unit_code", "unitCode")):
+        value = getattr(party, attr)
+        if value or attr in ("name", "identity", "country_code"):
+            etree.SubElement(node, q(xml)).text = value
+
+
+def build_envelope(header: Header, document: etree._Element) -> etree._Element:
+    """An unsigned envelope around ``document`` (which is copied, not moved)."""
+    root = etree.Element(ENVELOPE, nsmap={None: NS})
+    head = etree.SubElement(root, HEADER)
+    ref = etree.SubElement(head, q("Reference"))
+    etree.SubElement(ref, q("version")).text = header.version
+    etree.SubElement(ref, q("messageId")).text = header.message_id
+    _party_block(head, "From", header.sender)
+    _party_block(head, "To", header.recipient)
+    subject = etree.SubElement(head, q("Subject"))
+    etree.SubElement(subject, q("documentType")).text = header.document_type
+    etree.SubElement(subject, q("function")).text = header.function
+    etree.SubElement(subject, q("reference")).text = header.reference
+    if header.pre_reference:
+        etree.SubElement(subject, q("preReference")).text = header.pre_reference
+    etree.SubElement(subject, q("sendDate")).text = format_datetime(header.send_date)
+    body = etree.SubElement(root, BODY)
+    content = etree.SubElement(body, CONTENT, Id=CONTENT_ID)
+    content.append(etree.fromstring(etree.tostring(document)))  # noqa: S320 - our own serialisation
+    return root
+
+
+def format_datetime(value: datetime) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

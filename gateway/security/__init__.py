@@ -1,0 +1,1 @@
+"""Hardened parsing, signature verification, trust decisions and signing."""

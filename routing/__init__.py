@@ -1,0 +1,1 @@
+"""Routing engine: pure functions of a message's header and business fields."""
