@@ -69,8 +69,7 @@ def _text(parent: etree._Element, path: str, *, required: bool = True) -> str | 
 
 def _party(header: etree._Element, block: str) -> PartyRef:
     values = {
-        attr: _text(header, f"e:{block}/e:{xml}", required=attr == "identity") or ""
-        for attr, xml in _PARTY_FIELDS
+        attr: _text(header, f"e:{block}/e:{xml}", required=attr == "identity") or "" for attr, xml in _PARTY_FIELDS
     }
     return PartyRef(**values)
 
@@ -127,9 +126,14 @@ def content_document(envelope: etree._Element) -> etree._Element:
 
 def _party_block(parent: etree._Element, block: str, party: PartyRef) -> None:
     node = etree.SubElement(parent, q(block))
-    for attr, xml in (("name", "name"), ("identity", "identity"), ("country_code", "countryCode"),
-                      ("ministry_code", "ministryCode"), ("organization_code", "organizationCode"),
-                      ("unit_code", "unitCode")):
+    for attr, xml in (
+        ("name", "name"),
+        ("identity", "identity"),
+        ("country_code", "countryCode"),
+        ("ministry_code", "ministryCode"),
+        ("organization_code", "organizationCode"),
+        ("unit_code", "unitCode"),
+    ):
         value = getattr(party, attr)
         if value or attr in ("name", "identity", "country_code"):
             etree.SubElement(node, q(xml)).text = value
@@ -153,7 +157,7 @@ def build_envelope(header: Header, document: etree._Element) -> etree._Element:
     etree.SubElement(subject, q("sendDate")).text = format_datetime(header.send_date)
     body = etree.SubElement(root, BODY)
     content = etree.SubElement(body, CONTENT, Id=CONTENT_ID)
-    content.append(etree.fromstring(etree.tostring(document)))  # noqa: S320 - our own serialisation
+    content.append(etree.fromstring(etree.tostring(document)))
     return root
 
 

@@ -57,7 +57,9 @@ def parse_untrusted(raw: bytes, *, max_depth: int = DEFAULT_MAX_DEPTH) -> etree.
         root = etree.fromstring(raw, parser=_PARSER)
     except etree.XMLSyntaxError as exc:
         line, column = exc.position if exc.position else (exc.lineno or 0, 0)
-        raise Rejected(ErrorCode.MALFORMED_XML, f"not well-formed XML: {exc.msg}", f"line {line}, column {column}") from exc
+        raise Rejected(
+            ErrorCode.MALFORMED_XML, f"not well-formed XML: {exc.msg}", f"line {line}, column {column}"
+        ) from exc
     docinfo = root.getroottree().docinfo
     if docinfo.internalDTD is not None or docinfo.externalDTD is not None or docinfo.doctype:
         raise Rejected(ErrorCode.MALFORMED_XML, "DOCTYPE declarations (DTDs, entities) are not allowed", "line 1")

@@ -1,0 +1,87 @@
+"""The gateway's own answers: a signed receipt (function 99) or a signed rejection (function 21).
+
+Both are ordinary NSW envelopes (``schemas/receipt.xsd`` for their Content), signed by the gateway's
+key, so a partner verifies them with the same code it uses for any other message.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Final
+
+from lxml import etree
+
+from gateway.envelope import RECEIPT_FUNCTION, REJECTION_FUNCTION, build_envelope, format_datetime
+from gateway.errors import Rejected
+from gateway.model import Header, PartyRef
+from gateway.security.sign import Signer, to_bytes
+
+RECEIPT_NS: Final = "urn:nsw:receipt:1"
+RECEIPT_TYPE: Final = "nsw.receipt"
+REJECTION_TYPE: Final = "nsw.rejection"
+UNKNOWN_PARTY: Final = PartyRef(identity="UNKNOWN", name="unidentified sender", country_code="ZZ")
+
+
+def _r(local: str) -> str:
+    return f"{{{RECEIPT_NS}}}{local}"
+
+
+def _leaf(parent: etree._Element, local: str, text: str, **attrs: str) -> None:
+    etree.SubElement(parent, _r(local), attrs).text = text
+
+
+class ReceiptFactory:
+    """Builds and signs receipts and rejections on behalf of the gateway party ``gateway``."""
+
+    def __init__(self, signer: Signer, gateway: PartyRef) -> None:
+        self.signer = signer
+        self.gateway = gateway
+
+    def _header(self, document_type: str, function: str, to: PartyRef, answers: str | None) -> Header:
+        return Header(
+            version="1",
+            message_id=str(uuid.uuid4()),
+            sender=self.gateway,
+            recipient=to,
+            document_type=document_type,
+            function=function,
+            reference=answers or "",
+            pre_reference=answers,
+            send_date=datetime.now(UTC),
+        )
+
+    def receipt(self, header: Header, digest: str, received_at: datetime, destinations: Sequence[str]) -> bytes:
+        doc = etree.Element(_r("Receipt"), nsmap={None: RECEIPT_NS})
+        _leaf(doc, "messageId", header.message_id)
+        _leaf(doc, "digest", digest, algorithm="sha-256")
+        _leaf(doc, "receivedAt", format_datetime(received_at))
+        _leaf(doc, "status", "ACCEPTED")
+        dests = etree.SubElement(doc, _r("destinations"))
+        for name in destinations:
+            _leaf(dests, "destination", name)
+        envelope = build_envelope(self._header(RECEIPT_TYPE, RECEIPT_FUNCTION, header.sender, header.message_id), doc)
+        return to_bytes(self.signer.sign_envelope(envelope))
+
+    def rejection(
+        self,
+        error: Rejected,
+        *,
+        digest: str | None,
+        message_id: str | None = None,
+        sender: PartyRef | None = None,
+    ) -> bytes:
+        doc = etree.Element(_r("Rejection"), nsmap={None: RECEIPT_NS})
+        if message_id:
+            _leaf(doc, "messageId", message_id)
+        if digest:
+            _leaf(doc, "digest", digest, algorithm="sha-256")
+        _leaf(doc, "code", error.code.value)
+        _leaf(doc, "httpStatus", str(error.http_status))
+        _leaf(doc, "detail", error.detail)
+        if error.location:
+            _leaf(doc, "location", error.location)
+        _leaf(doc, "rejectedAt", format_datetime(datetime.now(UTC)))
+        header = self._header(REJECTION_TYPE, REJECTION_FUNCTION, sender or UNKNOWN_PARTY, message_id)
+        return to_bytes(self.signer.sign_envelope(build_envelope(header, doc)))
