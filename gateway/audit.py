@@ -1,0 +1,199 @@
+"""The append-only, hash-chained audit log: record shape, chaining and verification (pure functions).
+
+Each record's ``hash`` covers its predecessor's hash and every other field of the record::
+
+    hash = sha256_hex( prev_hash + canonical_json(record without prev_hash and hash) )
+
+where ``prev_hash`` is the predecessor's 64-character lowercase hex hash (64 zeros for record 1),
+``+`` is string concatenation, and the canonical JSON is ``json.dumps(fields, sort_keys=True,
+separators=(",", ":"), ensure_ascii=False)`` encoded as UTF-8: keys sorted, no spaces, absent values
+as ``null``. ``seq`` is part of the hashed fields, so a record cannot be moved without its hash
+changing. An external verifier needs nothing but this paragraph.
+
+The stores keep a one-row *head* (last seq and hash) updated in the same transaction as every
+append; comparing it with the log's end also catches a truncated tail or a record appended by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+
+from gateway.events import Event
+
+GENESIS_HASH = "0" * 64
+DUPLICATE_REPLAYED = "DUPLICATE_REPLAYED"  # audit-only event kind: a repeated message got its original receipt
+
+log = structlog.get_logger("nsw.audit")
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """What happened, before it has a place in the chain."""
+
+    at: str  # UTC ISO-8601 with microseconds, e.g. 2026-11-24T10:00:00.123456Z
+    event: str  # a State name, or another event kind such as DUPLICATE_REPLAYED
+    message_id: str
+    party: str | None = None
+    document_type: str | None = None
+    destination: str | None = None
+    digest: str | None = None  # SHA-256 hex of the exact received bytes
+    attempt: int | None = None
+    code: str | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    seq: int  # 1..n, gapless
+    at: str
+    event: str
+    message_id: str
+    party: str | None
+    document_type: str | None
+    destination: str | None
+    digest: str | None
+    attempt: int | None
+    code: str | None
+    detail: str
+    prev_hash: str
+    hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChainHead:
+    seq: int = 0
+    hash: str = GENESIS_HASH
+
+
+@dataclass(frozen=True, slots=True)
+class AuditReport:
+    ok: bool
+    count: int  # records examined (all of them when ok)
+    first_bad_seq: int | None = None  # the first position where the log differs from an intact chain
+    reason: str = ""
+    last_hash: str = GENESIS_HASH  # hash of the last good record: note it down to anchor the log
+
+
+def iso_utc(at: float) -> str:
+    return datetime.fromtimestamp(at, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def entry_from_event(event: Event) -> AuditEntry:
+    return AuditEntry(
+        at=iso_utc(event.at),
+        event=event.state.value,
+        message_id=event.message_id,
+        party=event.party,
+        document_type=event.document_type,
+        destination=event.destination,
+        digest=event.digest,
+        attempt=event.attempt,
+        code=event.code,
+        detail=event.detail,
+    )
+
+
+ENTRY_FIELDS = tuple(f.name for f in dataclasses.fields(AuditEntry))
+
+
+def hashed_fields(seq: int, entry: AuditEntry | AuditRecord) -> dict[str, Any]:
+    """What a record's hash covers: every field but ``prev_hash`` and ``hash``."""
+    return {"seq": seq, **{name: getattr(entry, name) for name in ENTRY_FIELDS}}
+
+
+def canonical_json(fields: dict[str, Any]) -> bytes:
+    return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def record_hash(prev_hash: str, fields: dict[str, Any]) -> str:
+    return hashlib.sha256(prev_hash.encode("ascii") + canonical_json(fields)).hexdigest()
+
+
+GENESIS = ChainHead()
+
+
+def chain(entries: Iterable[AuditEntry], head: ChainHead = GENESIS) -> list[AuditRecord]:
+    """Give ``entries`` the next seqs after ``head`` and link each to its predecessor."""
+    records: list[AuditRecord] = []
+    seq, prev = head.seq, head.hash
+    for entry in entries:
+        seq += 1
+        fields = hashed_fields(seq, entry)
+        digest = record_hash(prev, fields)
+        records.append(AuditRecord(**fields, prev_hash=prev, hash=digest))
+        prev = digest
+    return records
+
+
+class ChainVerifier:
+    """Checks records fed in seq order, one at a time, so a long log is never held in memory."""
+
+    def __init__(self) -> None:
+        self._expected = 1
+        self._prev = GENESIS_HASH
+        self._count = 0
+        self._fault: tuple[int, str] | None = None
+
+    def feed(self, record: AuditRecord) -> bool:
+        """Check the next record; False once a fault is found (the caller may stop reading)."""
+        if self._fault is not None:
+            return False
+        self._count += 1
+        expected = self._expected
+        if record.seq != expected:
+            self._fault = (expected, f"expected record {expected} next but found {record.seq}: deleted or reordered")
+        elif record.prev_hash != self._prev:
+            self._fault = (
+                expected,
+                f"record {expected} does not link to record {expected - 1} (prev_hash mismatch): "
+                "a record was inserted, deleted or reordered here",
+            )
+        elif record_hash(record.prev_hash, hashed_fields(record.seq, record)) != record.hash:
+            self._fault = (expected, f"record {expected} does not match its hash: edited")
+        else:
+            self._expected += 1
+            self._prev = record.hash
+            return True
+        return False
+
+    def report(self, head: ChainHead | None = None) -> AuditReport:
+        """The verdict; ``head`` is the store's own note of the last seq and hash, when it keeps one."""
+        last = self._expected - 1
+        fault = self._fault
+        if fault is None and head is not None:
+            if head.seq > last:
+                fault = (last + 1, f"the log ends at record {last} but its head says {head.seq}: truncated")
+            elif head.seq < last:
+                fault = (head.seq + 1, f"records after {head.seq} were appended outside the ledger")
+            elif head.hash != self._prev:
+                fault = (last, f"record {last} does not match the head hash: edited")
+        if fault is None:
+            return AuditReport(True, self._count, None, f"{last} records, chain intact", self._prev)
+        return AuditReport(False, self._count, fault[0], fault[1], self._prev)
+
+
+def verify_chain(records: Iterable[AuditRecord], head: ChainHead | None = None) -> AuditReport:
+    verifier = ChainVerifier()
+    for record in records:
+        if not verifier.feed(record):
+            break
+    return verifier.report(head)
+
+
+def emit(records: Iterable[AuditRecord]) -> None:
+    """One log line per committed record (logger ``nsw.audit``, event ``audit``): an off-site copy.
+
+    The record's own ``event`` field is logged as ``audit_event`` (``event`` is structlog's message key).
+    """
+    for record in records:
+        fields = asdict(record)
+        fields["audit_event"] = fields.pop("event")
+        log.info("audit", **fields)

@@ -1,0 +1,1 @@
+"""Durable stores: the ledger (message status, duplicate claims, hash-chained audit log)."""

@@ -1,0 +1,280 @@
+"""One group-commit batch, decided in memory: the ledger's rules, written once for every backend.
+
+A backend takes its write lock (SQLite ``BEGIN IMMEDIATE``, PostgreSQL the audit head row ``FOR
+UPDATE``), loads the rows the batch touches and the chain head, lets a ``Unit`` apply the operations
+in order, then writes ``Unit.changes()`` and commits. Holding the lock while deciding makes every
+claim and every chain append atomic across processes. An operation that is refused (accepting a
+claim that is gone) is refused *before* anything is written, so it fails alone, without a savepoint,
+and the rest of the batch commits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.audit import DUPLICATE_REPLAYED, AuditEntry, AuditRecord, ChainHead, chain, entry_from_event, iso_utc
+from gateway.errors import BrokerUnavailable
+from gateway.events import Event
+from gateway.model import State
+from gateway.status import DestinationStatus, MessageStatus, advance
+from gateway.stores.base import Claim, ClaimKind
+
+# Column orders shared by every backend's SELECTs and INSERTs.
+MESSAGE_COLUMNS = "message_id, sender, digest, document_type, state, receipt, received_at, updated_at, code, detail"
+DESTINATION_COLUMNS = "message_id, destination, state, attempt, generation, updated_at, code, detail"
+AUDIT_COLUMNS = (
+    "seq, at, event, message_id, party, document_type, destination, digest, attempt, code, detail, prev_hash, hash"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class MessageRow:
+    message_id: str
+    sender: str
+    digest: str
+    document_type: str
+    state: State  # RECEIVED = claimed but not accepted; ACCEPTED; REJECTED
+    receipt: bytes | None
+    received_at: float
+    updated_at: float
+    code: str | None = None
+    detail: str = ""
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> MessageRow:
+        receipt = None if row[5] is None else bytes(row[5])
+        return cls(row[0], row[1], row[2], row[3], State(row[4]), receipt, row[6], row[7], row[8], row[9])
+
+    def to_row(self) -> tuple[Any, ...]:
+        return (
+            self.message_id, self.sender, self.digest, self.document_type, self.state.value, self.receipt,
+            self.received_at, self.updated_at, self.code, self.detail,
+        )  # fmt: skip
+
+
+DestinationKey = tuple[str, str]  # (message_id, destination)
+
+
+def destination_from_row(row: Sequence[Any]) -> tuple[DestinationKey, DestinationStatus]:
+    return (row[0], row[1]), DestinationStatus(State(row[2]), row[3], row[5], row[6], row[7], row[4])
+
+
+def destination_to_row(key: DestinationKey, s: DestinationStatus) -> tuple[Any, ...]:
+    return (key[0], key[1], s.state.value, s.attempt, s.generation, s.updated_at, s.code, s.detail)
+
+
+def audit_from_row(row: Sequence[Any]) -> AuditRecord:
+    return AuditRecord(*row)
+
+
+def audit_to_row(r: AuditRecord) -> tuple[Any, ...]:
+    return (
+        r.seq, r.at, r.event, r.message_id, r.party, r.document_type, r.destination, r.digest, r.attempt,
+        r.code, r.detail, r.prev_hash, r.hash,
+    )  # fmt: skip
+
+
+def message_status(row: Sequence[Any], destination_rows: Iterable[Sequence[Any]]) -> MessageStatus:
+    m = MessageRow.from_row(row)
+    destinations = {key[1]: s for key, s in map(destination_from_row, destination_rows)}
+    updated = max([m.updated_at, *(s.updated_at for s in destinations.values())])
+    return MessageStatus(
+        m.message_id,
+        m.sender,
+        m.digest,
+        m.document_type,
+        m.state,
+        m.received_at,
+        updated,
+        destinations,
+        m.code,
+        m.detail,
+    )
+
+
+# -- operations -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimOp:
+    message_id: str
+    sender: str
+    digest: str
+    document_type: str
+    events: tuple[Event, ...]
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptOp:
+    message_id: str
+    receipt: bytes
+    destinations: tuple[str, ...]
+    events: tuple[Event, ...]
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseOp:
+    message_id: str
+    events: tuple[Event, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RecordOp:
+    events: tuple[Event, ...]
+
+
+Op = ClaimOp | AcceptOp | ReleaseOp | RecordOp
+Result = Claim | BrokerUnavailable | None  # an exception here is raised to that operation's caller only
+
+
+def touched(ops: Iterable[Op]) -> tuple[list[str], list[str]]:
+    """Message ids whose message rows, and whose destination rows, the batch must load."""
+    messages: set[str] = set()
+    destinations: set[str] = set()
+    for op in ops:
+        if not isinstance(op, RecordOp):
+            messages.add(op.message_id)
+        if isinstance(op, AcceptOp):
+            destinations.add(op.message_id)
+        for e in op.events:
+            messages.add(e.message_id)
+            if e.destination is not None:
+                destinations.add(e.message_id)
+    return sorted(messages), sorted(destinations)
+
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    upserts: list[MessageRow]
+    deletes: list[str]
+    destinations: list[tuple[Any, ...]]  # rows in DESTINATION_COLUMNS order
+    records: list[AuditRecord]
+    head: ChainHead
+
+
+class Unit:
+    """The rows a batch touches, changed in memory by each operation in turn."""
+
+    def __init__(
+        self,
+        messages: Iterable[MessageRow],
+        destinations: Iterable[tuple[DestinationKey, DestinationStatus]],
+        head: ChainHead,
+    ) -> None:
+        self._messages: dict[str, MessageRow | None] = {m.message_id: m for m in messages}
+        self._destinations = dict(destinations)
+        self._head = head
+        self._entries: list[AuditEntry] = []
+        self._changed_messages: set[str] = set()
+        self._changed_destinations: set[DestinationKey] = set()
+
+    def apply(self, op: Op) -> Result:
+        if isinstance(op, ClaimOp):
+            return self._claim(op)
+        if isinstance(op, AcceptOp):
+            return self._accept(op)
+        if isinstance(op, ReleaseOp):
+            row = self._messages.get(op.message_id)
+            if row is not None and row.state is State.RECEIVED:
+                self._put(op.message_id, None)
+        self._record(op.events)
+        return None
+
+    def changes(self) -> Changes:
+        upserts, deletes = [], []
+        for mid in sorted(self._changed_messages):
+            row = self._messages[mid]
+            if row is None:
+                deletes.append(mid)
+            else:
+                upserts.append(row)
+        destinations = [destination_to_row(k, self._destinations[k]) for k in sorted(self._changed_destinations)]
+        records = chain(self._entries, self._head)
+        head = ChainHead(records[-1].seq, records[-1].hash) if records else self._head
+        return Changes(upserts, deletes, destinations, records, head)
+
+    def _claim(self, op: ClaimOp) -> Claim:
+        row = self._messages.get(op.message_id)
+        if row is None or row.state is State.REJECTED:
+            received_at = min((e.at for e in op.events if e.state is State.RECEIVED), default=op.at)
+            new = MessageRow(
+                op.message_id, op.sender, op.digest, op.document_type, State.RECEIVED, None, received_at, op.at
+            )
+            self._put(op.message_id, new)
+            self._record(op.events)
+            return Claim(ClaimKind.NEW)
+        if row.sender != op.sender or row.digest != op.digest:
+            return Claim(ClaimKind.CONFLICT, existing_sender=row.sender, existing_digest=row.digest)
+        if row.state is State.ACCEPTED:
+            self._entries.append(
+                AuditEntry(
+                    at=iso_utc(op.at),
+                    event=DUPLICATE_REPLAYED,
+                    message_id=op.message_id,
+                    party=op.sender,
+                    document_type=op.document_type,
+                    digest=op.digest,
+                    detail="same sender and bytes as an accepted message: its original receipt was returned",
+                )
+            )
+            return Claim(ClaimKind.REPLAY, receipt=row.receipt)
+        self._record(op.events)
+        return Claim(ClaimKind.PENDING)
+
+    def _accept(self, op: AcceptOp) -> Result:
+        row = self._messages.get(op.message_id)
+        if row is None or row.state not in (State.RECEIVED, State.ACCEPTED):
+            return BrokerUnavailable(f"message {op.message_id} has no claim to accept (released meanwhile?)")
+        if row.state is State.RECEIVED:
+            self._put(
+                op.message_id, dataclasses.replace(row, state=State.ACCEPTED, receipt=op.receipt, updated_at=op.at)
+            )
+        for destination in op.destinations:
+            self._advance(Event(State.QUEUED, op.message_id, destination, at=op.at))
+        self._record(op.events)
+        return None
+
+    def _record(self, events: Iterable[Event]) -> None:
+        for e in events:
+            self._entries.append(entry_from_event(e))
+            if e.destination is not None:
+                self._advance(e)
+            elif e.state is State.REJECTED:
+                self._reject(e)
+
+    def _reject(self, e: Event) -> None:
+        # Only a verified sender's rejection is shown as the message's status, and never over a
+        # message that is claimed or accepted: a DUPLICATE rejection names the id it collided with.
+        if not e.message_id or not e.party:
+            return
+        row = self._messages.get(e.message_id)
+        if row is None or row.state is State.REJECTED:
+            rejected = MessageRow(
+                e.message_id,
+                e.party,
+                e.digest or "",
+                e.document_type or "",
+                State.REJECTED,
+                None,
+                e.at,
+                e.at,
+                e.code,
+                e.detail,
+            )
+            self._put(e.message_id, rejected)
+
+    def _advance(self, e: Event) -> None:
+        key = (e.message_id, e.destination or "")
+        moved = advance(self._destinations.get(key), e)
+        if moved is not None:
+            self._destinations[key] = moved
+            self._changed_destinations.add(key)
+
+    def _put(self, message_id: str, row: MessageRow | None) -> None:
+        self._messages[message_id] = row
+        self._changed_messages.add(message_id)
