@@ -1,0 +1,115 @@
+"""RabbitMQ under faults: connections closed by the broker, a broker that is not there, a vanished queue."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import uuid
+from collections.abc import AsyncIterator
+
+import aio_pika
+import pytest
+from broker_kit import RABBIT_URL, TEST_TIERS, WAIT, Collector, make_delivery, require_rabbitmq
+from conftest import delete_queues, unique_prefix
+
+from gateway.brokers import names
+from gateway.brokers.rabbitmq import RabbitMQBroker
+from gateway.errors import BrokerUnavailable
+from gateway.model import Delivery
+
+
+async def rabbitmqctl(*args: str) -> None:
+    process = await asyncio.create_subprocess_exec(
+        "rabbitmqctl", "-q", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await process.communicate()
+    assert process.returncode == 0, f"rabbitmqctl {args}: {out.decode()} {err.decode()}"
+
+
+@pytest.fixture
+async def vhost() -> AsyncIterator[str]:
+    """A vhost of its own, so closing "all connections" there touches nobody else's tests."""
+    require_rabbitmq()
+    if shutil.which("rabbitmqctl") is None:
+        pytest.skip("!!! rabbitmqctl is not on PATH: cannot inject connection faults")
+    name = f"nswtest-{uuid.uuid4().hex[:10]}"
+    await rabbitmqctl("add_vhost", name)
+    try:
+        await rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+        yield name
+    finally:
+        await rabbitmqctl("delete_vhost", name)
+
+
+async def publish_until_accepted(broker: RabbitMQBroker, batch: list[Delivery]) -> None:
+    """What a sender does on 503: try again. Each attempt is bounded by the broker's publish timeout."""
+    async with asyncio.timeout(WAIT):
+        while True:
+            try:
+                await broker.publish(batch)
+            except BrokerUnavailable:
+                await asyncio.sleep(0.1)
+            else:
+                return
+
+
+@pytest.mark.rabbitmq
+async def test_every_message_is_handled_across_a_forced_reconnect(vhost: str) -> None:
+    url = f"amqp://guest:guest@127.0.0.1:5672/{vhost}?reconnect_interval=0.3"
+    broker = RabbitMQBroker(url, retry_tiers=TEST_TIERS, queue_prefix="nsw", publish_timeout=3.0)
+    await broker.start()
+    got = Collector()
+    sub = await broker.consume("customs", got, prefetch=8)
+    accepted: set[str] = set()
+    try:
+        for n in range(20):
+            batch = [make_delivery("customs", n * 5 + i) for i in range(5)]
+            await publish_until_accepted(broker, batch)
+            accepted |= {d.message_id for d in batch}
+            if n == 5:
+                await got.wait_for_count(1)  # deliveries are flowing: now pull the rug
+                await rabbitmqctl("close_all_connections", "--vhost", vhost, "--limit", "100", "fault test")
+        await got.wait_for_ids(accepted)
+    finally:
+        await sub.stop()
+        await broker.close()
+    assert accepted <= got.ids()  # duplicates are allowed (at-least-once), losses are not
+
+
+async def test_an_unreachable_broker_makes_publish_fail_fast() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again on exit: nothing listens there
+    broker = RabbitMQBroker(f"amqp://guest:guest@127.0.0.1:{port}/", publish_timeout=2.0)
+    async with asyncio.timeout(10):
+        await broker.start()  # logs and carries on: /readyz says no, publishes get 503
+        with pytest.raises(BrokerUnavailable):
+            await broker.publish([make_delivery("customs")])
+        assert not await broker.ready()
+        with pytest.raises(BrokerUnavailable):
+            await broker.consume("customs", Collector())
+        await broker.close()
+
+
+@pytest.mark.rabbitmq
+async def test_a_queue_that_vanished_is_an_error_then_declared_again() -> None:
+    require_rabbitmq()
+    broker = RabbitMQBroker(RABBIT_URL, retry_tiers=TEST_TIERS, queue_prefix=unique_prefix(), publish_timeout=3.0)
+    try:
+        await broker.declare(["customs"])
+        connection = await aio_pika.connect(RABBIT_URL)
+        async with connection:
+            channel = await connection.channel()
+            await channel.queue_delete(names.work_queue("customs", broker.prefix))
+        with pytest.raises(BrokerUnavailable, match="NO_ROUTE"):
+            await broker.publish([make_delivery("customs")])  # mandatory: unroutable is not "accepted"
+        delivery = make_delivery("customs")
+        await broker.publish([delivery])
+        got = Collector()
+        sub = await broker.consume("customs", got)
+        await got.wait_for_ids({delivery.message_id})
+        await sub.stop()
+    finally:
+        await broker.close()
+        await delete_queues(broker)
