@@ -111,6 +111,17 @@ async def test_a_handler_that_raises_gets_the_delivery_again(broker: Broker) -> 
     assert [(d.message_id, d.attempt) for d in got] == [(delivery.message_id, 1)] * 2
 
 
+async def test_a_handler_that_returns_no_outcome_counts_as_a_failure(broker: Broker) -> None:
+    delivery = make_delivery("customs")
+    await broker.publish([delivery])
+
+    def decide(_d: Delivery, sightings: int) -> Outcome:
+        return Ack() if sightings else "done"  # type: ignore[return-value]
+
+    got = await consume_until(broker, "customs", 2, decide)
+    assert [d.message_id for d in got] == [delivery.message_id] * 2
+
+
 async def test_a_delivery_that_always_crashes_its_handler_ends_dead(broker: Broker) -> None:
     poison = make_delivery("customs")
     await broker.publish([poison])

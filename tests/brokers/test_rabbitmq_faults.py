@@ -12,6 +12,7 @@ import aio_pika
 import pytest
 from broker_kit import RABBIT_URL, TEST_TIERS, WAIT, Collector, make_delivery, require_rabbitmq
 from conftest import delete_queues, unique_prefix
+from support.tcpproxy import TcpProxy
 
 from gateway.brokers import names
 from gateway.brokers.rabbitmq import RabbitMQBroker
@@ -75,6 +76,38 @@ async def test_every_message_is_handled_across_a_forced_reconnect(vhost: str) ->
         await sub.stop()
         await broker.close()
     assert accepted <= got.ids()  # duplicates are allowed (at-least-once), losses are not
+
+
+@pytest.mark.rabbitmq
+async def test_an_outage_means_fast_refusals_then_recovery() -> None:
+    require_rabbitmq()
+    proxy = TcpProxy("127.0.0.1", 5672)
+    await proxy.start()
+    url = f"amqp://guest:guest@127.0.0.1:{proxy.port}/?reconnect_interval=0.3"
+    broker = RabbitMQBroker(url, retry_tiers=TEST_TIERS, queue_prefix=unique_prefix(), publish_timeout=2.0)
+    got = Collector()
+    try:
+        sub = await broker.consume("customs", got)
+        before = make_delivery("customs")
+        await broker.publish([before])
+        await got.wait_for_ids({before.message_id})
+
+        await proxy.cut()
+        async with asyncio.timeout(broker.publish_timeout + 1):  # refused within the publish timeout
+            with pytest.raises(BrokerUnavailable):
+                await broker.publish([make_delivery("customs")])
+        assert not await broker.ready()
+
+        await proxy.restore()
+        after = make_delivery("customs")
+        await publish_until_accepted(broker, [after])
+        await got.wait_for_ids({after.message_id})  # the consumer came back on its own
+        assert await broker.ready()
+        await sub.stop()
+    finally:
+        await broker.close()
+        await proxy.cut()
+        await delete_queues(broker)
 
 
 async def test_an_unreachable_broker_makes_publish_fail_fast() -> None:
