@@ -85,7 +85,10 @@ class RoutingTable:
 
     @property
     def document_types(self) -> frozenset[str]:
-        """Document types named by rules or fields: for cross-checking against the document-type registry."""
+        """Document types that rules name (documentType equals / in) or define fields for.
+
+        For cross-checking against the document-type registry; a documentType prefix / regex is not counted.
+        """
         return frozenset(self._by_type) | frozenset(self._fields)
 
     def route(

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from lxml import etree
 
 from gateway.errors import ConfigError, ErrorCode, Rejected
@@ -543,53 +544,88 @@ def lic(root: str, *hs_codes: str) -> etree._Element:
     return document
 
 
+SPS = "urn:un:unece:uncefact:data:standard:SPSCertificate:17"
+RAM = "urn:un:unece:uncefact:data:standard:ReusableAggregateBusinessInformationEntity:21"
+
+
+def ephyto(import_country: str) -> etree._Element:
+    document = etree.Element(f"{{{SPS}}}SPSCertificate")
+    consignment = etree.SubElement(document, f"{{{SPS}}}SPSConsignment")
+    etree.SubElement(etree.SubElement(consignment, f"{{{RAM}}}ImportSPSCountry"), f"{{{RAM}}}ID").text = import_country
+    return document
+
+
+def other(tag: str) -> etree._Element:
+    return etree.Element(tag)
+
+
 PEERS = frozenset({"asw:TH", "asw:MY", "asw:SG"})
 TRADER = "VN-TRADER-0101234567"
+PERMIT = "{urn:nsw:permit:1}QuarantinePermit"
+WCO = "{urn:wco:datamodel:WCO:DocumentMetaData-DMS:2}MetaData"
 DEFAULT_CASES = [
-    ("licence application", header("licence.import", "01", TRADER, recipient="VN-MOIT"), lic("ImportLicence", "847130"),
-     ["moit"]),
-    ("pharmaceutical import", header("licence.import", "01", TRADER, recipient="VN-MOIT"),
-     lic("ImportLicence", "847130", "300490"), ["moit", "moh"]),
-    ("pharmaceutical export is not for moh", header("licence.export", "01", TRADER, recipient="VN-MOIT"),
-     lic("ExportLicence", "300490"), ["moit"]),
-    ("licence answer", header("licence.export", "22", "VN-MOIT", recipient=TRADER), lic("ExportLicence"),
-     ["trader-portal"]),
-    ("licence approval", header("licence.import", "27", "VN-MOIT", recipient=TRADER), lic("ImportLicence"),
+    # licences
+    ("licence application", header("licence.import", "01", TRADER), lic("ImportLicence", "847130"), ["moit"]),
+    ("pharmaceutical import", header("licence.import", "02", TRADER), lic("ImportLicence", "847130", "300490"),
+     ["moit", "moh"]),
+    ("pharmaceutical export", header("licence.export", "01", TRADER), lic("ExportLicence", "300490"), ["moit"]),
+    ("licence answer", header("licence.export", "22", "VN-MOIT"), lic("ExportLicence"), ["trader-portal"]),
+    ("licence approval", header("licence.import", "27", "VN-MOIT"), lic("ImportLicence"),
      ["trader-portal", "customs", "archive"]),
-    ("quarantine permit", header("permit.quarantine", "27", "VN-MARD-PPD"),
-     etree.Element("{urn:nsw:permit:1}QuarantinePermit"), ["customs"]),
-    ("e-C/O to an ASEAN peer", header("eco.atiga-form-d", "01", "VN-MOIT"), eco("TH"),
+    ("licence issued by MOH", header("licence.import", "01", "VN-MOH"), lic("ImportLicence"),
+     ["trader-portal", "customs", "archive"]),
+    ("licence used at customs", header("licence.import", "11", "VN-CUSTOMS"), lic("ImportLicence"), ["moit"]),
+    # permits
+    ("permit application", header("permit.quarantine", "01", TRADER), other(PERMIT), ["mard-ppd", "customs"]),
+    ("permit approval", header("permit.quarantine", "27", "VN-MARD-PPD"), other(PERMIT), ["trader-portal", "customs"]),
+    ("permit customs feedback", header("permit.quarantine", "26", "VN-CUSTOMS"), other(PERMIT), ["mard-ppd"]),
+    # e-C/O
+    ("e-C/O application", header("eco.atiga-form-d", "01", TRADER), eco("TH"), ["moit"]),
+    ("e-C/O approval", header("eco.atiga-form-d", "27", "VN-MOIT"), eco("TH"), ["trader-portal"]),
+    ("e-C/O issued for an ASEAN peer", header("eco.atiga-form-d", "01", "VN-MOIT"), eco("TH"),
      ["customs", "archive", "asw:TH"]),
-    ("e-C/O for import into VN", header("eco.atiga-form-d", "01", "VN-MOIT"), eco("VN"), ["customs", "archive"]),
+    ("e-C/O issued for VN", header("eco.atiga-form-d", "01", "VN-MOIT"), eco("VN"), ["customs", "archive"]),
     ("e-C/O from a peer", header("eco.atiga-form-d", "01", "TH-NSW", sender_country="TH"), eco("VN"),
      ["customs", "archive"]),
     ("e-C/O answer from customs", header("eco.atiga-form-d", "23", "VN-CUSTOMS"), eco("VN"), ["moit"]),
     ("e-C/O answer from a peer", header("eco.atiga-form-d", "22", "TH-NSW", sender_country="TH"), eco("TH"), ["moit"]),
-    ("ePhyto", header("sps.ephyto", "01", "VN-MARD-PPD"),
-     etree.Element("{urn:un:unece:uncefact:data:standard:SPSCertificate:17}SPSCertificate"),
+    # ePhyto
+    ("ePhyto issued for a peer", header("sps.ephyto", "01", "VN-MARD-PPD"), ephyto("TH"),
+     ["customs", "archive", "asw:TH"]),
+    ("ePhyto from a peer", header("sps.ephyto", "01", "TH-NSW", sender_country="TH"), ephyto("VN"),
      ["customs", "mard-ppd", "archive"]),
-    ("customs declaration", header("wco.dec.submit", "01", TRADER), etree.Element("Declaration"), ["customs"]),
-    ("customs notification", header("wco.res.notification", "29", "VN-CUSTOMS", recipient=TRADER),
-     etree.Element("MetaData"), ["trader-portal"]),
+    ("ePhyto customs feedback", header("sps.ephyto", "26", "VN-CUSTOMS"), ephyto("TH"), ["mard-ppd"]),
+    # customs declarations
+    ("customs declaration", header("wco.dec.submit", "01", TRADER), other(WCO), ["customs"]),
+    ("declaration cancelled", header("wco.dec.cancel", "03", TRADER), other(WCO), ["customs"]),
+    ("customs notification", header("wco.res.notification", "29", "VN-CUSTOMS"), other(WCO), ["trader-portal"]),
+    ("upload locations", header("wco.fileupload.response", "29", "VN-CUSTOMS"), other("{hmrc:fileupload}X"),
+     ["trader-portal"]),
+    # a peer gateway's asynchronous receipt
+    ("peer receipt", header("nsw.receipt", "99", "TH-NSW", sender_country="TH"), other("{urn:nsw:receipt:1}Receipt"),
+     ["archive"]),
 ]
 
 
-def test_the_shipped_rules_load() -> None:
+def test_the_shipped_rules_load_and_name_every_registered_document_type() -> None:
     routing = RoutingTable.load(default_rules_path())
     assert set(routing.destinations) == {"customs", "moit", "mard-ppd", "moh", "trader-portal", "archive"}
     assert routing.destinations["archive"].adapter == "file"
     assert {d.adapter for name, d in routing.destinations.items() if name != "archive"} == {"http"}
-    assert routing.document_types >= {
-        "licence.import", "licence.export", "permit.quarantine", "eco.atiga-form-d", "sps.ephyto",
-        "wco.dec.submit", "wco.dec.amend", "wco.dec.cancel", "wco.res.notification",
-    }
+    registry = yaml.safe_load((Path(__file__).parents[1] / "schemas" / "registry.yaml").read_text(encoding="utf-8"))
+    assert set(registry["document_types"]) <= routing.document_types
+
+
+@pytest.fixture(scope="module")
+def shipped() -> RoutingTable:
+    return RoutingTable.load(default_rules_path())
 
 
 @pytest.mark.parametrize(("case", "message", "document", "expected"), DEFAULT_CASES, ids=[c[0] for c in DEFAULT_CASES])
 def test_the_shipped_rules_route_the_known_document_types(
-    case: str, message: Header, document: etree._Element, expected: list[str]
+    shipped: RoutingTable, case: str, message: Header, document: etree._Element, expected: list[str]
 ) -> None:
-    routing = RoutingTable.load(default_rules_path())
+    routing = shipped
     decisions = routing.route(message, document, extra_destinations=PEERS)
     assert destinations(decisions) == expected
     assert routing.explain(message, document, extra_destinations=PEERS).decisions == decisions
@@ -599,11 +635,11 @@ def test_the_shipped_rules_route_the_known_document_types(
     "message",
     [
         header("licence.import", "99", TRADER),  # an acknowledgement is nobody's business
-        header("eco.atiga-form-d", "01", "VN-TRADER-0101234567"),  # a trader does not issue e-C/O
+        header("eco.atiga-form-d", "01", "VN-CUSTOMS"),  # customs does not issue e-C/O
         header("unknown.type", "01", TRADER),
     ],
 )
-def test_the_shipped_rules_refuse_what_no_rule_covers(message: Header) -> None:
+def test_the_shipped_rules_refuse_what_no_rule_covers(shipped: RoutingTable, message: Header) -> None:
     with pytest.raises(Rejected) as raised:
-        RoutingTable.load(default_rules_path()).route(message, eco(), extra_destinations=PEERS)
+        shipped.route(message, eco(), extra_destinations=PEERS)
     assert raised.value.code is ErrorCode.NO_ROUTE
