@@ -199,10 +199,14 @@ class EmbeddedBroker:
 
     def _open(self) -> None:
         conn = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
-        conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(f"PRAGMA synchronous={self._synchronous}")
-        conn.executescript(_SCHEMA)
+        try:
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={self._synchronous}")
+            conn.executescript(_SCHEMA)
+        except sqlite3.Error:
+            conn.close()
+            raise
         self._conn = conn
 
     async def close(self) -> None:
@@ -264,10 +268,11 @@ class EmbeddedBroker:
         conn.execute("BEGIN IMMEDIATE")
         try:
             result = work(conn)
+            conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:  # also when COMMIT itself failed (disk full, I/O error)
+                conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
         return result
 
     # -- publish -----------------------------------------------------------------------------
@@ -277,7 +282,9 @@ class EmbeddedBroker:
             return
         await self._ensure_started()
         rows = [_delivery_row(d, time.time()) for d in deliveries]
-        committed = asyncio.get_running_loop().create_future()
+        committed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Retrieve the outcome even when the caller was cancelled meanwhile (no "never retrieved" noise).
+        committed.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._pending.append((rows, committed))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush(), name="nsw-embedded-group-commit")
@@ -290,17 +297,20 @@ class EmbeddedBroker:
         while self._pending:
             batch, self._pending = self._pending, []
             insert = partial(self._insert_work, rows=[row for rows, _ in batch for row in rows])
+            error: BaseException | None = None
             try:
                 await self._call(self._transaction, insert)
             except (sqlite3.Error, BrokerUnavailable) as exc:
                 error = BrokerUnavailable(f"embedded broker could not store the message: {exc}")
-                for _, committed in batch:
-                    if not committed.done():
-                        committed.set_exception(error)
-            else:
-                for _, committed in batch:
-                    if not committed.done():
-                        committed.set_result(None)
+            except Exception as exc:  # noqa: BLE001 -- a bug: every waiting publisher must get it, not hang
+                error = exc
+            for _, committed in batch:
+                if committed.done():
+                    continue
+                if error is None:
+                    committed.set_result(None)
+                else:
+                    committed.set_exception(error)
 
     @staticmethod
     def _insert_work(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
@@ -350,9 +360,11 @@ class EmbeddedBroker:
 
     def _renew(self, leases: list[tuple[int, str]]) -> None:
         until = time.time() + self.lease_seconds
-        self._db().executemany(
-            "UPDATE work_items SET lease_until = ? WHERE id = ? AND lease_owner = ?",
-            [(until, row_id, owner) for row_id, owner in leases],
+        self._transaction(
+            lambda conn: conn.executemany(
+                "UPDATE work_items SET lease_until = ? WHERE id = ? AND lease_owner = ?",
+                [(until, row_id, owner) for row_id, owner in leases],
+            )
         )
 
     def _release_owned(self, owner_prefix: str) -> None:
@@ -470,9 +482,9 @@ class EmbeddedSubscription:
                 try:
                     claimed = await self._broker._call(self._broker._claim, self.destination, owner, free)
                     failures = 0
-                except (sqlite3.Error, BrokerUnavailable) as exc:
+                except Exception:  # the consumer must outlive a locked, full or corrupt database
                     failures += 1
-                    log.warning("broker.claim_failed", destination=self.destination, error=str(exc))
+                    log.exception("broker.claim_failed", destination=self.destination, failures=failures)
                     claimed = []
                     await asyncio.sleep(min(self._broker.poll_interval * 2**failures, 5.0))
                 for item in claimed:
@@ -516,8 +528,8 @@ class EmbeddedSubscription:
                 continue
             try:
                 await self._broker._call(self._broker._renew, leases)
-            except (sqlite3.Error, BrokerUnavailable) as exc:
-                log.warning("broker.lease_renewal_failed", destination=self.destination, error=str(exc))
+            except Exception:  # keep renewing: a missed renewal only risks a duplicate delivery
+                log.exception("broker.lease_renewal_failed", destination=self.destination)
 
     async def stop(self) -> None:
         if self._stopping:

@@ -30,7 +30,12 @@ from aio_pika.abc import (
     AbstractRobustConnection,
     DeliveryMode,
 )
-from aio_pika.exceptions import CONNECTION_EXCEPTIONS, ChannelPreconditionFailed
+from aio_pika.exceptions import (
+    CONNECTION_EXCEPTIONS,
+    ChannelNotFoundEntity,
+    ChannelPreconditionFailed,
+    PublishError,
+)
 
 from gateway.brokers import names
 from gateway.brokers.base import Ack, DeadLetter, DeadLetterRecord, Handler, Outcome, Retry
@@ -158,13 +163,14 @@ class RabbitMQBroker:
         self._publisher: AbstractRobustChannel | None = None
         self._connect_lock = asyncio.Lock()
         self._declare_lock = asyncio.Lock()
-        self._declared: set[str] = set()
+        self._declared: set[str] = set()  # queues known to exist: publish skips declaring them
+        self._known: set[str] = set()  # every destination declared or consumed, for list_dead(None)
         self._subscriptions: set[RabbitMQSubscription] = set()
 
     @property
     def declared_destinations(self) -> frozenset[str]:
         """Destinations whose queues this broker has declared (what ``list_dead(None)`` looks at)."""
-        return frozenset(self._declared)
+        return frozenset(self._known)
 
     # -- connection --------------------------------------------------------------------------
 
@@ -216,7 +222,7 @@ class RabbitMQBroker:
                     return False
                 channel = await connection.channel(publisher_confirms=False)
                 try:
-                    probe = next(iter(self._declared), None)
+                    probe = next(iter(self._known), None)
                     if probe is not None:
                         await channel.declare_queue(names.work_queue(probe, self.prefix), passive=True, robust=False)
                 finally:
@@ -240,6 +246,9 @@ class RabbitMQBroker:
             return
         connection = await self._robust_connection()
         async with self._declare_lock:
+            missing = [d for d in missing if d not in self._declared]  # a concurrent caller may have done it
+            if not missing:
+                return
             channel = await connection.channel(publisher_confirms=False)
             try:
                 for destination in missing:
@@ -249,6 +258,7 @@ class RabbitMQBroker:
                     for queue, arguments in plan:
                         await self._declare_one(channel, queue, arguments)
                     self._declared.add(destination)
+                    self._known.add(destination)
             finally:
                 if not channel.is_closed:
                     await channel.close()
@@ -287,12 +297,12 @@ class RabbitMQBroker:
                     return_exceptions=True,
                 )
         except _FAILURES as exc:
-            self._declared.difference_update(destinations)
             raise BrokerUnavailable(f"RabbitMQ did not confirm the publish: {exc!r}") from exc
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
-            # An unroutable message means a queue vanished after we declared it: declare again next time.
-            self._declared.difference_update(destinations)
+            if any(isinstance(f, PublishError) for f in failures):
+                # Unroutable: a queue vanished after we declared it. Declare again on the next publish.
+                self._declared.difference_update(destinations)
             raise BrokerUnavailable(
                 f"RabbitMQ refused {len(failures)} of {len(messages)} messages: {failures[0]!r}"
             ) from failures[0]
@@ -310,6 +320,7 @@ class RabbitMQBroker:
         except _FAILURES as exc:
             raise BrokerUnavailable(f"cannot consume {destination}: {exc!r}") from exc
         self._subscriptions.add(sub)
+        self._known.add(destination)
         return sub
 
     async def _retry(self, delivery: Delivery, outcome: Retry) -> None:
@@ -329,7 +340,7 @@ class RabbitMQBroker:
 
     def _dead_destinations(self, destination: str | None) -> list[str]:
         # AMQP cannot enumerate queues: "all" means every destination this broker has declared.
-        return [destination] if destination is not None else sorted(self._declared)
+        return [destination] if destination is not None else sorted(self._known)
 
     async def list_dead(self, destination: str | None = None) -> list[DeadLetterRecord]:
         """Every dead letter, left in place: fetched unacknowledged, then returned by closing the channel."""
@@ -367,13 +378,19 @@ class RabbitMQBroker:
         keep their position). A concurrent listing sees only what this one is not holding.
         """
         try:
-            await self._declare([destination])
             connection = await self._robust_connection()
             channel = await connection.channel(publisher_confirms=False)
         except _FAILURES as exc:
             raise BrokerUnavailable(f"cannot open the dead-letter queue of {destination}: {exc!r}") from exc
         try:
-            queue: AbstractQueue = await channel.get_queue(names.dead_queue(destination, self.prefix))
+            try:
+                # Passive: listing a destination that never existed must not create its queues.
+                queue = await channel.declare_queue(
+                    names.dead_queue(destination, self.prefix), passive=True, robust=False
+                )
+            except ChannelNotFoundEntity:
+                yield []
+                return
             messages: list[AbstractIncomingMessage] = []
             while (message := await queue.get(no_ack=False, fail=False, timeout=self.publish_timeout)) is not None:
                 messages.append(message)
@@ -457,15 +474,18 @@ class RabbitMQSubscription:
         if self._stopping:
             return
         self._stopping = True
+        # Both RPCs wait for the connection during an outage: bound them. If the cancel does not get
+        # through, closing the channel (or the connection dying) ends the consumer all the same.
         if self._queue is not None and self._tag is not None:
             try:
-                await self._queue.cancel(self._tag)
+                await self._queue.cancel(self._tag, timeout=self._broker.publish_timeout)
             except _FAILURES as exc:
                 log.warning("broker.cancel_failed", destination=self.destination, error=repr(exc))
         await asyncio.gather(*self._in_flight, return_exceptions=True)
         if self._channel is not None and not self._channel.is_closed:
             try:
-                await self._channel.close()
+                async with asyncio.timeout(self._broker.publish_timeout):
+                    await self._channel.close()
             except _FAILURES as exc:
                 log.warning("broker.channel_close_failed", destination=self.destination, error=repr(exc))
         self._broker._subscriptions.discard(self)

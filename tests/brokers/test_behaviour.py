@@ -201,5 +201,8 @@ async def test_prefetch_bounds_the_handlers_in_flight(broker: Broker) -> None:
 
 async def test_ready_and_declare(broker: Broker) -> None:
     await broker.declare(["customs", "asw:TH"])
+    await broker.declare(["customs"])  # idempotent
     assert await broker.ready()
     assert await broker.list_dead("asw:TH") == []
+    assert await broker.list_dead("never-declared") == []
+    assert await broker.replay_dead("never-declared") == 0
