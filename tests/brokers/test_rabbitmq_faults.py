@@ -110,6 +110,23 @@ async def test_an_outage_means_fast_refusals_then_recovery() -> None:
         await delete_queues(broker)
 
 
+@pytest.mark.rabbitmq
+async def test_a_worker_can_shut_down_during_an_outage() -> None:
+    require_rabbitmq()
+    proxy = TcpProxy("127.0.0.1", 5672)
+    await proxy.start()
+    url = f"amqp://guest:guest@127.0.0.1:{proxy.port}/?reconnect_interval=0.3"
+    broker = RabbitMQBroker(url, retry_tiers=TEST_TIERS, queue_prefix=unique_prefix(), publish_timeout=1.0)
+    try:
+        sub = await broker.consume("customs", Collector())
+        await proxy.cut()
+        async with asyncio.timeout(WAIT):  # bounded by the publish timeout, not by the outage
+            await sub.stop()
+            await broker.close()
+    finally:
+        await delete_queues(broker)  # directly, not through the cut proxy
+
+
 async def test_an_unreachable_broker_makes_publish_fail_fast() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
