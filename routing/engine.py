@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Collection, Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from lxml import etree
@@ -126,7 +127,8 @@ class RoutingTable:
     ) -> Explanation:
         """What ``route`` decides and why, rule by rule. Never raises NO_ROUTE: it is in ``error``."""
         document_type = header.document_type
-        values = FieldValues(self._fields.get(document_type, _NO_FIELDS), document, document_type)
+        defs = self._fields.get(document_type, _NO_FIELDS)
+        values = FieldValues(defs, document, document_type)
         chosen: dict[str, RouteDecision] = {}
         skipped_all: list[str] = []
         traces: list[RuleTrace] = []
@@ -167,6 +169,7 @@ class RoutingTable:
             function=header.function,
             sender=header.sender.identity,
             recipient=header.recipient.identity,
+            fields=MappingProxyType({name: values.get(name) for name in defs}),
             rules=tuple(traces),
             decisions=() if error is not None else tuple(chosen.values()),
             error=error,

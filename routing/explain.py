@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from gateway.errors import Rejected
 from gateway.model import RouteDecision
+from routing.conditions import show
 from routing.rules import ConditionTrace
 
 
@@ -28,6 +30,7 @@ class Explanation:
     function: str
     sender: str
     recipient: str
+    fields: Mapping[str, tuple[str, ...]]  # every business field defined for the document type, as read
     rules: tuple[RuleTrace, ...]
     decisions: tuple[RouteDecision, ...]  # exactly what route() returns, when it returns
     error: Rejected | None  # what route() raises (NO_ROUTE), when it raises
@@ -44,8 +47,12 @@ class Explanation:
             f"message: documentType={self.document_type} function={self.function} "
             f"from={self.sender} to={self.recipient}",
             f"rules:   {self.source} (top to bottom)",
-            "",
         ]
+        if self.fields:
+            pad = max(len(name) for name in self.fields)
+            lines.append("fields:")
+            lines.extend(f"  {name:<{pad}} = {show(values)}" for name, values in self.fields.items())
+        lines.append("")
         width = len(str(len(self.rules)))
         for number, trace in enumerate(self.rules, start=1):
             lines.extend(_render_rule(f"{number:>{width}}.", trace))
@@ -68,6 +75,10 @@ def _render_rule(number: str, trace: RuleTrace) -> list[str]:
             outcome += "; stop: later rules are not evaluated"
     else:
         outcome = "no match"
+    kind = next((c for c in trace.conditions if c.subject == "documentType"), None)
+    if not trace.matched and kind is not None and not kind.passed:
+        # not a rule for this kind of document: one line is enough to say so
+        return [f"{number} {trace.rule}: no match ({'; '.join(kind.reasons)})"]
     lines = [f"{number} {trace.rule}: {outcome}"]
     if trace.description:
         lines.append(f"     # {trace.description}")

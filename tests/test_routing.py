@@ -11,9 +11,11 @@ import pytest
 import yaml
 from lxml import etree
 
+from gateway.envelope import content_document, parse_header
 from gateway.errors import ConfigError, ErrorCode, Rejected
 from gateway.model import Header, PartyRef, RouteDecision
 from gateway.policy import BreakerPolicy, RetryPolicy
+from gateway.samples import SAMPLE_DOCUMENT_TYPES, sample_envelope
 from routing import DestinationConfig, RoutingTable, default_rules_path
 
 ECO = "urn:nsw:eco:atiga-form-d:1"
@@ -485,15 +487,21 @@ def test_explain_names_the_rule_behind_each_destination_and_why_others_failed() 
     routing = table(
         {"name": "licences", "when": {"documentType": "licence.import", "function": "01"}, "to": ["moit"]},
         ASW_RULE,
+        {
+            "name": "timber-answers",
+            "when": {"documentType": "eco.atiga-form-d", "function": "23", "field": {"hsCodes": {"prefix": "44"}}},
+            "to": ["moit"],
+        },
         {"name": "archive-all", "to": ["archive", "customs"]},
     )
-    explanation = routing.explain(header(), eco("TH"), extra_destinations={"asw:TH"})
+    explanation = routing.explain(header(), eco("TH", ("090111",)), extra_destinations={"asw:TH"})
     assert explanation.ok
     assert explanation.decisions == (
         RouteDecision("customs", "to-importing-country"),
         RouteDecision("asw:TH", "to-importing-country"),
         RouteDecision("archive", "archive-all"),
     )
+    assert explanation.fields == {"importingCountry": ("TH",), "hsCodes": ("090111",), "itemCount": ("1",)}
     licences = explanation.trace("licences")
     assert not licences.matched
     assert [(c.subject, c.actual, c.passed) for c in licences.conditions] == [
@@ -501,12 +509,21 @@ def test_explain_names_the_rule_behind_each_destination_and_why_others_failed() 
         ("function", "'01'", True),
     ]
     assert licences.conditions[0].reasons == ("'eco.atiga-form-d' is not 'licence.import'",)
+    timber = explanation.trace("timber-answers")
+    assert [(c.subject, c.passed) for c in timber.conditions] == [
+        ("documentType", True),
+        ("function", False),
+        ("field hsCodes", False),
+    ]
     assert explanation.trace("archive-all").destinations == ("archive", "customs")
     text = explanation.render()
-    assert "1. licences: no match" in text
-    assert "FAIL  documentType: 'eco.atiga-form-d' is not 'licence.import'" in text
+    assert "  hsCodes          = '090111'" in text
+    assert "1. licences: no match ('eco.atiga-form-d' is not 'licence.import')" in text
     assert "2. to-importing-country: MATCHED -> customs, asw:TH" in text
     assert "ok    field importingCountry not in ['VN'] (saw 'TH')" in text
+    assert "3. timber-answers: no match\n" in text
+    assert "FAIL  function: '01' is not '23'" in text
+    assert "FAIL  field hsCodes: '090111': no value starts with any of ['44']" in text
     assert "asw:TH   <- rule to-importing-country" in text
     assert "archive  <- rule archive-all" in text
 
@@ -643,3 +660,19 @@ def test_the_shipped_rules_refuse_what_no_rule_covers(shipped: RoutingTable, mes
     with pytest.raises(Rejected) as raised:
         shipped.route(message, eco(), extra_destinations=PEERS)
     assert raised.value.code is ErrorCode.NO_ROUTE
+
+
+def test_the_shipped_field_xpaths_read_the_shipped_sample_documents(shipped: RoutingTable) -> None:
+    seen: dict[str, Any] = {}
+    for document_type in SAMPLE_DOCUMENT_TYPES:
+        envelope = sample_envelope(document_type)
+        explanation = shipped.explain(parse_header(envelope), content_document(envelope), extra_destinations=PEERS)
+        assert explanation.ok, explanation.render()
+        seen[document_type] = explanation.fields
+    assert seen["eco.atiga-form-d"]["importingCountry"] == ("TH",)
+    assert seen["sps.ephyto"]["importCountry"] == ("TH",)
+    assert seen["sps.ephyto"]["hsCodes"] == ("081090",)
+    for document_type in ("licence.import", "licence.export", "permit.quarantine", "eco.atiga-form-d"):
+        assert seen[document_type]["hsCodes"], document_type
+        assert all(code.isdigit() for code in seen[document_type]["hsCodes"]), document_type
+    assert seen["permit.quarantine"]["permitKind"] == ("plant-quarantine",)
