@@ -31,8 +31,6 @@ from gateway.events import Event
 GENESIS_HASH = "0" * 64
 DUPLICATE_REPLAYED = "DUPLICATE_REPLAYED"  # audit-only event kind: a repeated message got its original receipt
 
-log = structlog.get_logger("nsw.audit")
-
 
 @dataclass(frozen=True, slots=True)
 class AuditEntry:
@@ -83,7 +81,8 @@ class AuditReport:
 
 
 def iso_utc(at: float) -> str:
-    return datetime.fromtimestamp(at, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # isoformat is several times faster than strftime; "+00:00" -> "Z"
+    return datetime.fromtimestamp(at, tz=UTC).isoformat(timespec="microseconds")[:-6] + "Z"
 
 
 def entry_from_event(event: Event) -> AuditEntry:
@@ -109,8 +108,11 @@ def hashed_fields(seq: int, entry: AuditEntry | AuditRecord) -> dict[str, Any]:
     return {"seq": seq, **{name: getattr(entry, name) for name in ENTRY_FIELDS}}
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def canonical_json(fields: dict[str, Any]) -> bytes:
-    return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return _CANONICAL.encode(fields).encode("utf-8")
 
 
 def record_hash(prev_hash: str, fields: dict[str, Any]) -> str:
@@ -193,6 +195,7 @@ def emit(records: Iterable[AuditRecord]) -> None:
 
     The record's own ``event`` field is logged as ``audit_event`` (``event`` is structlog's message key).
     """
+    log = structlog.get_logger("nsw.audit")  # per call, not per module: honours a later reconfiguration
     for record in records:
         fields = asdict(record)
         fields["audit_event"] = fields.pop("event")

@@ -10,7 +10,6 @@ and the rest of the batch commits.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -231,9 +230,11 @@ class Unit:
         if row is None or row.state not in (State.RECEIVED, State.ACCEPTED):
             return BrokerUnavailable(f"message {op.message_id} has no claim to accept (released meanwhile?)")
         if row.state is State.RECEIVED:
-            self._put(
-                op.message_id, dataclasses.replace(row, state=State.ACCEPTED, receipt=op.receipt, updated_at=op.at)
+            r = row
+            accepted = MessageRow(
+                r.message_id, r.sender, r.digest, r.document_type, State.ACCEPTED, op.receipt, r.received_at, op.at
             )
+            self._put(op.message_id, accepted)
         for destination in op.destinations:
             self._advance(Event(State.QUEUED, op.message_id, destination, at=op.at))
         self._record(op.events)
@@ -278,3 +279,15 @@ class Unit:
     def _put(self, message_id: str, row: MessageRow | None) -> None:
         self._messages[message_id] = row
         self._changed_messages.add(message_id)
+
+
+def decide(
+    messages: Iterable[MessageRow],
+    destinations: Iterable[tuple[DestinationKey, DestinationStatus]],
+    head: ChainHead,
+    ops: Iterable[Op],
+) -> tuple[list[Result], Changes]:
+    """Apply ``ops`` in order to the loaded rows: each operation's result, and what to write."""
+    unit = Unit(messages, destinations, head)
+    results = [unit.apply(op) for op in ops]
+    return results, unit.changes()

@@ -64,6 +64,10 @@ class GroupCommit:
     async def _commit(self, batch: list[tuple[Op, asyncio.Future[Result]]]) -> None:
         try:
             results, records = await self._run([op for op, _ in batch])
+        except asyncio.CancelledError:
+            for _, future in batch:  # the loop is going away: do not leave callers waiting forever
+                future.cancel()
+            raise
         except Exception as exc:  # noqa: BLE001 -- not swallowed: every caller of the batch gets it
             for _, future in batch:
                 if not future.done():

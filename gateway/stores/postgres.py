@@ -8,6 +8,7 @@ ledger writer on every host, so the chain stays gapless and a message id is clai
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,9 +23,9 @@ from gateway.stores.batch import (
     MessageRow,
     Op,
     Result,
-    Unit,
     audit_from_row,
     audit_to_row,
+    decide,
     destination_from_row,
     message_status,
     touched,
@@ -184,9 +185,8 @@ class PostgresLedger(GroupCommitLedger):
                 if destination_ids:
                     rows = await conn.fetch(SELECT_DESTINATIONS, destination_ids)
                     destinations = [destination_from_row(r) for r in rows]
-                unit = Unit(messages, destinations, head)
-                results = [unit.apply(op) for op in ops]
-                changes = unit.changes()
+                # Deciding a big batch (hashing, JSON) takes milliseconds of CPU: not on the event loop.
+                results, changes = await asyncio.to_thread(decide, messages, destinations, head, ops)
                 if changes.deletes:
                     await conn.execute(DELETE_MESSAGES, changes.deletes)
                 if changes.upserts:

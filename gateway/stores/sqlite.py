@@ -25,9 +25,9 @@ from gateway.stores.batch import (
     MessageRow,
     Op,
     Result,
-    Unit,
     audit_from_row,
     audit_to_row,
+    decide,
     destination_from_row,
     message_status,
     touched,
@@ -42,7 +42,7 @@ SCHEMA = (
     """CREATE TABLE IF NOT EXISTS messages (
         message_id TEXT PRIMARY KEY, sender TEXT NOT NULL, digest TEXT NOT NULL, document_type TEXT NOT NULL,
         state TEXT NOT NULL, receipt BLOB, received_at REAL NOT NULL, updated_at REAL NOT NULL,
-        code TEXT, detail TEXT NOT NULL) WITHOUT ROWID""",
+        code TEXT, detail TEXT NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS destinations (
         message_id TEXT NOT NULL, destination TEXT NOT NULL, state TEXT NOT NULL, attempt INTEGER NOT NULL,
         generation INTEGER NOT NULL, updated_at REAL NOT NULL, code TEXT, detail TEXT NOT NULL,
@@ -199,9 +199,7 @@ class SqliteLedger(GroupCommitLedger):
             if destination_ids:
                 rows = conn.execute(SELECT_DESTINATIONS, (_json_list(destination_ids),))
                 destinations = [destination_from_row(r) for r in rows]
-            unit = Unit(messages, destinations, head)
-            results = [unit.apply(op) for op in ops]
-            changes = unit.changes()
+            results, changes = decide(messages, destinations, head, ops)
             if changes.deletes:
                 conn.execute(DELETE_MESSAGES, (_json_list(changes.deletes),))
             conn.executemany(sql.UPSERT_MESSAGE, [m.to_row() for m in changes.upserts])
