@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -32,6 +32,21 @@ class _LegacySha1Signer(XMLSigner):
 
     def check_deprecated_methods(self) -> None:
         return None
+
+
+class _DeterministicEcKey:
+    """Makes signxml's ECDSA signatures deterministic (RFC 6979): no per-signature nonce to get wrong, and
+    signing the same envelope twice gives the same bytes -- so a retried forward to a peer gateway is the
+    *same* message there (its duplicate check answers with the original receipt, not DUPLICATE)."""
+
+    def __init__(self, key: ec.EllipticCurvePrivateKey) -> None:
+        self._key = key
+
+    def sign(self, data: bytes, signature_algorithm: ec.ECDSA) -> bytes:
+        return self._key.sign(data, ec.ECDSA(signature_algorithm.algorithm, deterministic_signing=True))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._key, name)
 
 
 def load_private_key(path: Path) -> PrivateKey:
@@ -67,6 +82,10 @@ class Signer:
     def identity(self) -> str:
         return common_name(self.chain[0])
 
+    @property
+    def _signing_key(self) -> Any:
+        return _DeterministicEcKey(self.key) if isinstance(self.key, ec.EllipticCurvePrivateKey) else self.key
+
     def _signer(self) -> XMLSigner:
         if self.legacy_sha1:
             if not isinstance(self.key, rsa.RSAPrivateKey):
@@ -93,7 +112,7 @@ class Signer:
         unsigned = _copy(envelope)
         for old in unsigned.findall(SIGNATURE):
             unsigned.remove(old)
-        return self._signer().sign(unsigned, key=self.key, cert=list(self.chain))
+        return self._signer().sign(unsigned, key=self._signing_key, cert=list(self.chain))
 
     def sign_content(self, envelope: etree._Element) -> etree._Element:
         """Return a copy of ``envelope`` with the issuing authority's signature over ``Body/Content``."""
@@ -107,7 +126,9 @@ class Signer:
             body.remove(old)
         placeholder = etree.SubElement(body, SIGNATURE, Id="placeholder", nsmap={"ds": DS})
         content.addnext(placeholder)
-        return self._signer().sign(unsigned, key=self.key, cert=list(self.chain), reference_uri=f"#{content.get('Id')}")
+        return self._signer().sign(
+            unsigned, key=self._signing_key, cert=list(self.chain), reference_uri=f"#{content.get('Id')}"
+        )
 
 
 def to_bytes(root: etree._Element) -> bytes:

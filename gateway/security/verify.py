@@ -189,7 +189,8 @@ class Verifier:
             raise Rejected(
                 ErrorCode.SIGNATURE_INVALID, "the Body signature does not cover Body/Content", BODY_SIGNATURE_AT
             )
-        authorities = self.partners.authorities_for(header.document_type)
+        # The issuing authority is of the sending country: a peer NSW forwards certificates its own ministries issued.
+        authorities = self.partners.authorities_for(header.document_type, header.sender.country_code or None)
         _check_authority(issuer, authorities, header.document_type)
         return BodySignature(
             present=True,
