@@ -21,12 +21,7 @@ from gateway.model import State
 from gateway.status import DestinationStatus, MessageStatus, advance
 from gateway.stores.base import Claim, ClaimKind
 
-# Column orders shared by every backend's SELECTs and INSERTs.
-MESSAGE_COLUMNS = "message_id, sender, digest, document_type, state, receipt, received_at, updated_at, code, detail"
-DESTINATION_COLUMNS = "message_id, destination, state, attempt, generation, updated_at, code, detail"
-AUDIT_COLUMNS = (
-    "seq, at, event, message_id, party, document_type, destination, digest, attempt, code, detail, prev_hash, hash"
-)
+# Row tuples below follow the column orders of gateway.stores.sql's statements.
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +146,7 @@ def touched(ops: Iterable[Op]) -> tuple[list[str], list[str]]:
 class Changes:
     upserts: list[MessageRow]
     deletes: list[str]
-    destinations: list[tuple[Any, ...]]  # rows in DESTINATION_COLUMNS order
+    destinations: list[tuple[Any, ...]]  # destination rows, ready for UPSERT_DESTINATION
     records: list[AuditRecord]
     head: ChainHead
 
@@ -230,9 +225,15 @@ class Unit:
         if row is None or row.state not in (State.RECEIVED, State.ACCEPTED):
             return BrokerUnavailable(f"message {op.message_id} has no claim to accept (released meanwhile?)")
         if row.state is State.RECEIVED:
-            r = row
             accepted = MessageRow(
-                r.message_id, r.sender, r.digest, r.document_type, State.ACCEPTED, op.receipt, r.received_at, op.at
+                row.message_id,
+                row.sender,
+                row.digest,
+                row.document_type,
+                State.ACCEPTED,
+                op.receipt,
+                row.received_at,
+                op.at,
             )
             self._put(op.message_id, accepted)
         for destination in op.destinations:
