@@ -9,7 +9,9 @@ default exchange (routing key = queue name), so no exchange or binding has to ex
 * ``nsw.retry.d.<ms>``      one per retry tier; no consumers; ``x-message-ttl`` = the tier, then the
                             broker dead-letters the message back to ``nsw.work.d``.
 * ``nsw.dead.d``            dead letters: no TTL, no length limit, no delivery limit (listing
-                            returns messages to it, which counts as a redelivery).
+                            returns messages to it, which counts as a redelivery). RabbitMQ 4.x
+                            gives quorum queues a default delivery limit of 20: there, add a policy
+                            ``delivery-limit: -1`` on ``^nsw[.]dead[.]`` or listings would drop them.
 
 Retry queues are per destination rather than shared per tier: a shared tier queue would need a
 routing key per message to find its way home (an extra exchange and bindings), and one dead agency's

@@ -7,6 +7,7 @@ import time
 
 import pytest
 from broker_kit import TEST_DELIVERY_LIMIT, WAIT, Collector, consume_until, eventually, make_delivery
+from structlog.testing import capture_logs
 
 from gateway.brokers.base import Ack, Broker, DeadLetter, Outcome, Retry
 from gateway.model import Delivery
@@ -107,8 +108,13 @@ async def test_a_handler_that_raises_gets_the_delivery_again(broker: Broker) -> 
             raise RuntimeError("adapter bug")
         return Ack()
 
-    got = await consume_until(broker, "customs", 2, decide)
+    with capture_logs() as logs:
+        got = await consume_until(broker, "customs", 2, decide)
     assert [(d.message_id, d.attempt) for d in got] == [(delivery.message_id, 1)] * 2
+    failures = [e for e in logs if e["event"] == "broker.handler_failed"]
+    assert [(e["destination"], e["message_id"], e["log_level"]) for e in failures] == [
+        ("customs", delivery.message_id, "error")
+    ]
 
 
 async def test_a_handler_that_returns_no_outcome_counts_as_a_failure(broker: Broker) -> None:
