@@ -362,7 +362,7 @@ class RabbitMQBroker:
                 for m in chosen:
                     d = decode(m, dest)
                     d = replace(d, attempt=1, headers={**d.headers, REPLAYED_HEADER: "true"})
-                    copies.append((names.work_queue(d.destination, self.prefix), encode(d, now=now)))
+                    copies.append((names.work_queue(dest, self.prefix), encode(d, now=now)))
                 await self._publish_all(copies, destinations=[dest])
                 # Only after every copy is confirmed: a crash before this line leaves a duplicate, not a loss.
                 for m in chosen:
