@@ -39,7 +39,9 @@ class ReceiptFactory:
         self.signer = signer
         self.gateway = gateway
 
-    def _header(self, document_type: str, function: str, to: PartyRef, answers: str | None) -> Header:
+    def _header(
+        self, document_type: str, function: str, to: PartyRef, answers: str | None, digest: str | None
+    ) -> Header:
         return Header(
             version="1",
             message_id=str(uuid.uuid4()),
@@ -47,7 +49,8 @@ class ReceiptFactory:
             recipient=to,
             document_type=document_type,
             function=function,
-            reference=answers or "",
+            # what this answers: the messageId, or for an unreadable message the hash of its bytes
+            reference=answers or (f"sha256:{digest}" if digest else "unidentified"),
             pre_reference=answers,
             send_date=datetime.now(UTC),
         )
@@ -61,7 +64,9 @@ class ReceiptFactory:
         dests = etree.SubElement(doc, _r("destinations"))
         for name in destinations:
             _leaf(dests, "destination", name)
-        envelope = build_envelope(self._header(RECEIPT_TYPE, RECEIPT_FUNCTION, header.sender, header.message_id), doc)
+        envelope = build_envelope(
+            self._header(RECEIPT_TYPE, RECEIPT_FUNCTION, header.sender, header.message_id, digest), doc
+        )
         return to_bytes(self.signer.sign_envelope(envelope))
 
     def rejection(
@@ -83,5 +88,12 @@ class ReceiptFactory:
         if error.location:
             _leaf(doc, "location", error.location)
         _leaf(doc, "rejectedAt", format_datetime(datetime.now(UTC)))
-        header = self._header(REJECTION_TYPE, REJECTION_FUNCTION, sender or UNKNOWN_PARTY, message_id)
+        to = (
+            PartyRef(
+                identity=sender.identity, name=sender.name or sender.identity, country_code=sender.country_code or "ZZ"
+            )
+            if sender
+            else UNKNOWN_PARTY
+        )
+        header = self._header(REJECTION_TYPE, REJECTION_FUNCTION, to, message_id, digest)
         return to_bytes(self.signer.sign_envelope(build_envelope(header, doc)))

@@ -78,7 +78,7 @@ DEV_PARTIES: Final[tuple[PartySpec, ...]] = (
         "nsw",
         "VN",
         key="ec",
-        may_send={"nsw.receipt": ["99"], "nsw.rejection": ["21"], "eco.atiga-form-d": "*", "sps.ephyto": "*"},
+        may_send={"nsw.receipt": "*", "nsw.rejection": "*", "eco.atiga-form-d": "*", "sps.ephyto": "*"},
     ),
     PartySpec(
         "VN-MOIT",
@@ -86,12 +86,7 @@ DEV_PARTIES: Final[tuple[PartySpec, ...]] = (
         "agency",
         "VN",
         "BCT",
-        may_send={
-            "eco.atiga-form-d": [*NEW_AMEND_CANCEL, "20", "22", "23", "24", "25", "27"],
-            "licence.import": "*",
-            "licence.export": "*",
-            "nsw.receipt": ["99"],
-        },
+        may_send={"eco.atiga-form-d": "*", "licence.import": "*", "licence.export": "*"},
         authority_for=("eco.atiga-form-d",),
     ),
     PartySpec(
@@ -100,7 +95,7 @@ DEV_PARTIES: Final[tuple[PartySpec, ...]] = (
         "agency",
         "VN",
         "BNNPTNT",
-        may_send={"sps.ephyto": [*NEW_AMEND_CANCEL, "25", "27"], "permit.quarantine": "*", "nsw.receipt": ["99"]},
+        may_send={"sps.ephyto": "*", "permit.quarantine": "*"},
         authority_for=("sps.ephyto",),
     ),
     PartySpec(
@@ -110,11 +105,13 @@ DEV_PARTIES: Final[tuple[PartySpec, ...]] = (
         "VN",
         "TCHQ",
         may_send={
-            "licence.import": ["11", "26"],
-            "licence.export": ["11", "26"],
-            "eco.atiga-form-d": ["11", "26"],
-            "sps.ephyto": ["11", "26"],
-            "nsw.receipt": ["99"],
+            "licence.import": "*",
+            "licence.export": "*",
+            "permit.quarantine": "*",
+            "eco.atiga-form-d": "*",
+            "sps.ephyto": "*",
+            "wco.res.notification": "*",
+            "wco.fileupload.response": "*",
         },
     ),
     PartySpec(
@@ -123,10 +120,14 @@ DEV_PARTIES: Final[tuple[PartySpec, ...]] = (
         "trader",
         "VN",
         may_send={
-            "licence.import": NEW_AMEND_CANCEL,
-            "licence.export": NEW_AMEND_CANCEL,
-            "permit.quarantine": NEW_AMEND_CANCEL,
+            "licence.import": "*",
+            "licence.export": "*",
+            "permit.quarantine": "*",
             "eco.atiga-form-d": NEW_AMEND_CANCEL,
+            "wco.dec.submit": "*",
+            "wco.dec.amend": "*",
+            "wco.dec.cancel": "*",
+            "wco.fileupload.request": "*",
         },
     ),
     PartySpec(
@@ -135,7 +136,7 @@ DEV_PARTIES: Final[tuple[PartySpec, ...]] = (
         "agency",
         "VN",
         "BYT",
-        may_send={"licence.import": "*", "permit.inspection": "*", "nsw.receipt": ["99"]},
+        may_send={"licence.import": "*", "permit.quarantine": "*"},
         allow_legacy_sha1=True,
     ),
 )
@@ -146,12 +147,7 @@ DEV_PEERS: Final[Mapping[str, PartySpec]] = {
         "peer",
         "TH",
         key="ec",
-        may_send={
-            "eco.atiga-form-d": ["01", "02", "03", "22", "23"],
-            "sps.ephyto": "*",
-            "nsw.receipt": ["99"],
-            "nsw.rejection": ["21"],
-        },
+        may_send={"eco.atiga-form-d": "*", "sps.ephyto": "*", "nsw.receipt": "*", "nsw.rejection": "*"},
     ),
 }
 

@@ -1,0 +1,457 @@
+"""``nswgw``: the operator and partner command line.
+
+nswgw serve | worker | run          the ingress, the delivery workers, or both in one process
+nswgw demo                          the whole path on the embedded default, nothing to install
+nswgw certs init DIR                a dev PKI and partner registry (test keys only)
+nswgw samples DIR                   a realistic unsigned sample envelope for every shipped type
+nswgw sign FILE --key K --cert C    SystemSignature (and optionally the issuer's Body signature)
+nswgw verify FILE                   offline check, the ingress's own code path
+nswgw send FILE --url URL           POST; prints the receipt or rejection; exit 1 on rejection
+nswgw routes explain FILE           which destinations a message goes to, and why
+nswgw audit verify | trace ID       prove the audit trail is intact; a message's timeline
+nswgw dlq list | show | replay      dead letters
+nswgw config show                   the effective settings, secrets redacted
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from gateway.config import Settings, load_settings
+from gateway.errors import ConfigError, GatewayError, Rejected
+from gateway.logs import configure_logging
+
+EXIT_OK, EXIT_REJECTED, EXIT_USAGE = 0, 1, 2
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {
+        "certs_dir": getattr(args, "certs", None),
+        "data_dir": getattr(args, "data", None),
+        "host": getattr(args, "host", None),
+        "port": getattr(args, "port", None),
+        "amqp_url": getattr(args, "amqp_url", None),
+        "routing_file": getattr(args, "routing", None),
+    }
+    return load_settings(args.config, overrides=overrides)
+
+
+# -- services ---------------------------------------------------------------------------------
+
+
+async def _serve(settings: Settings, *, ingress: bool, worker: bool) -> None:
+    from aiohttp import web
+
+    from gateway.ingress import create_app
+    from gateway.runtime import Gateway
+
+    gw = await Gateway.open(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    runner: web.AppRunner | None = None
+    try:
+        if worker:
+            await gw.start_worker()
+        if ingress:
+            runner = web.AppRunner(create_app(gw), handle_signals=False)
+            await runner.setup()
+            await web.TCPSite(runner, settings.host, settings.port, ssl_context=_ssl_context(settings)).start()
+            print(f"nswgw listening on {settings.host}:{settings.port}", file=sys.stderr)
+        await stop.wait()
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        await gw.close()
+
+
+def _ssl_context(settings: Settings) -> Any:
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    import ssl
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    if settings.tls_client_ca is not None:
+        context.load_verify_locations(settings.tls_client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    asyncio.run(_serve(_settings(args), ingress=True, worker=False))
+    return EXIT_OK
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    asyncio.run(_serve(_settings(args), ingress=False, worker=True))
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    asyncio.run(_serve(_settings(args), ingress=True, worker=True))
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.demo import run_demo
+
+    return asyncio.run(run_demo(workdir=args.workdir, cross_border=args.cross_border))
+
+
+# -- partner tools ----------------------------------------------------------------------------
+
+
+def cmd_certs_init(args: argparse.Namespace) -> int:
+    from gateway.security.pki import init_dev_pki
+
+    pki = init_dev_pki(args.dir, force=args.force)
+    print(f"dev PKI written to {args.dir} (test keys only)")
+    print(f"partner registry: {pki.partners}")
+    return EXIT_OK
+
+
+def cmd_samples(args: argparse.Namespace) -> int:
+    from gateway.samples import write_samples
+
+    for path in write_samples(args.dir):
+        print(path)
+    return EXIT_OK
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    from gateway.security.parse import parse_untrusted
+    from gateway.security.sign import Signer, to_bytes
+
+    root = parse_untrusted(args.file.read_bytes())
+    if args.body_key is not None:
+        issuer = Signer.from_files(args.body_key, args.body_cert, legacy_sha1=args.legacy_sha1)
+        root = issuer.sign_content(root)
+    signed = Signer.from_files(args.key, args.cert, legacy_sha1=args.legacy_sha1).sign_envelope(root)
+    data = to_bytes(signed)
+    if args.output is None:
+        sys.stdout.buffer.write(data + b"\n")
+    else:
+        args.output.write_bytes(data)
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from gateway.partners import PartnerRegistry
+    from gateway.pipeline import Admission
+    from gateway.runtime import load_routing, peer_destinations
+    from gateway.security.trust import TrustStore
+    from gateway.security.verify import Verifier
+    from gateway.validation import DocumentTypeRegistry, Validator
+
+    settings = _settings(args)
+    trust = TrustStore.load(settings.trust_dir)
+    partners = PartnerRegistry.load(settings.partners_path)
+    admission = Admission(
+        settings=settings,
+        verifier=Verifier(trust, partners),
+        validator=Validator(DocumentTypeRegistry.load(settings.registry_file)),
+        partners=partners,
+        routing=load_routing(settings),
+        extra_destinations=peer_destinations(partners),
+    )
+    try:
+        routed = admission.admit(args.file.read_bytes())
+    except Rejected as error:
+        print(
+            json.dumps(
+                {
+                    "ok": False,
+                    "code": error.code.value,
+                    "http_status": error.http_status,
+                    "detail": error.detail,
+                    "location": error.location,
+                },
+                indent=2,
+            )
+        )
+        return EXIT_REJECTED
+    verified = routed.validated.verified
+    print(
+        json.dumps(
+            {
+                "ok": True,
+                "message_id": verified.header.message_id,
+                "party": verified.party,
+                "document_type": routed.validated.document_type,
+                "signature_algorithm": verified.signature_algorithm,
+                "legacy_algorithm": verified.legacy_algorithm,
+                "body_signature": asdict(verified.body_signature),
+                "destinations": [{"destination": r.destination, "rule": r.rule} for r in routed.routes],
+            },
+            indent=2,
+        )
+    )
+    return EXIT_OK
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    import httpx
+
+    from gateway.envelope import NSMAP
+    from gateway.security.parse import parse_untrusted
+
+    response = httpx.post(
+        args.url, content=args.file.read_bytes(), headers={"Content-Type": "application/xml"}, timeout=args.timeout
+    )
+    sys.stdout.write(response.text + "\n")
+    code = response.headers.get("X-NSW-Code")
+    if response.status_code == 202:
+        print(f"accepted: HTTP 202, receipt for {response.headers.get('X-NSW-Message-Id')}", file=sys.stderr)
+        return EXIT_OK
+    with contextlib.suppress(Rejected):
+        answer = parse_untrusted(response.content)
+        code = answer.findtext(".//{urn:nsw:receipt:1}code", namespaces=NSMAP) or code
+    print(f"rejected: HTTP {response.status_code} {code}", file=sys.stderr)
+    return EXIT_REJECTED
+
+
+def cmd_routes_explain(args: argparse.Namespace) -> int:
+    from gateway.envelope import content_document, parse_header
+    from gateway.partners import PartnerRegistry
+    from gateway.runtime import load_routing, peer_destinations
+    from gateway.security.parse import parse_untrusted
+
+    settings = _settings(args)
+    root = parse_untrusted(args.file.read_bytes())
+    peers = peer_destinations(PartnerRegistry.load(settings.partners_path)) if settings.partners_path.exists() else ()
+    explanation = load_routing(settings).explain(parse_header(root), content_document(root), extra_destinations=peers)
+    print(explanation.render())
+    return EXIT_OK
+
+
+# -- operators --------------------------------------------------------------------------------
+
+
+async def _with_ledger(settings: Settings, action: Callable[[Any], Awaitable[int]]) -> int:
+    from gateway.stores.factory import make_ledger
+
+    ledger = make_ledger(settings.database_url, settings.data_dir, synchronous=settings.sqlite_synchronous)
+    await ledger.open()
+    try:
+        return await action(ledger)
+    finally:
+        await ledger.close()
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    async def action(ledger: Any) -> int:
+        report = await ledger.verify_audit()
+        print(json.dumps(asdict(report), indent=2, default=str))
+        return EXIT_OK if report.ok else EXIT_REJECTED
+
+    return asyncio.run(_with_ledger(_settings(args), action))
+
+
+def cmd_audit_trace(args: argparse.Namespace) -> int:
+    async def action(ledger: Any) -> int:
+        records = await ledger.trace(args.message_id)
+        for record in records:
+            print(json.dumps(asdict(record), default=str))
+        return EXIT_OK if records else EXIT_REJECTED
+
+    return asyncio.run(_with_ledger(_settings(args), action))
+
+
+async def _with_broker(settings: Settings, action: Callable[[Any], Awaitable[int]]) -> int:
+    from gateway.runtime import broker_for
+
+    broker = broker_for(settings)
+    await broker.start()
+    try:
+        return await action(broker)
+    finally:
+        await broker.close()
+
+
+def _dead_letter_json(record: Any, *, with_payload: bool) -> dict[str, Any]:
+    d = record.delivery
+    out: dict[str, Any] = {
+        "message_id": d.message_id,
+        "destination": d.destination,
+        "sender": d.sender,
+        "document_type": d.document_type,
+        "attempt": d.attempt,
+        "code": record.code,
+        "reason": record.reason,
+        "dead_at": record.dead_at,
+    }
+    if with_payload:
+        out["payload"] = d.payload.decode("utf-8", errors="replace")
+    return out
+
+
+def cmd_dlq(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+
+    async def action(broker: Any) -> int:
+        from gateway.events import Event
+        from gateway.model import State
+
+        if args.dlq_command == "replay":
+            if args.id is None and args.destination is None and not args.all:
+                print("replay needs --id, --destination or --all", file=sys.stderr)
+                return EXIT_USAGE
+            records = await broker.list_dead(args.destination)
+            chosen = [r for r in records if args.id is None or r.delivery.message_id == args.id]
+            moved = await broker.replay_dead(args.destination, args.id)
+
+            async def audit(ledger: Any) -> int:
+                await ledger.record(
+                    [
+                        Event(
+                            State.REPLAYED,
+                            r.delivery.message_id,
+                            r.delivery.destination,
+                            party=r.delivery.sender,
+                            document_type=r.delivery.document_type,
+                            digest=r.delivery.digest,
+                            detail=f"operator replay of dead letter ({r.code})",
+                        )
+                        for r in chosen
+                    ]
+                )
+                return EXIT_OK
+
+            await _with_ledger(settings, audit)
+            print(f"replayed {moved} dead letter(s)")
+            return EXIT_OK if moved else EXIT_REJECTED
+        records = await broker.list_dead(args.destination)
+        if args.id is not None:
+            records = [r for r in records if r.delivery.message_id == args.id]
+        for record in records:
+            print(json.dumps(_dead_letter_json(record, with_payload=args.dlq_command == "show")))
+        return EXIT_OK
+
+    return asyncio.run(_with_broker(settings, action))
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    print(json.dumps(_settings(args).redacted(), indent=2, default=str))
+    return EXIT_OK
+
+
+# -- argument parsing ---------------------------------------------------------------------------
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="TOML settings file (NSW_* environment variables override it)")
+    parser.add_argument("--certs", type=Path, help="certificate folder made by `nswgw certs init`")
+    parser.add_argument("--data", type=Path, help="data folder (embedded broker, SQLite ledger)")
+    parser.add_argument("--amqp-url", help="RabbitMQ URL; the embedded broker when absent")
+    parser.add_argument("--routing", type=Path, help="routing rules file")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nswgw", description="NSW message-exchange gateway")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    for name, func, help_ in (
+        ("serve", cmd_serve, "run the HTTP ingress"),
+        ("worker", cmd_worker, "run the delivery workers"),
+        ("run", cmd_run, "ingress and workers in one process"),
+    ):
+        p = sub.add_parser(name, help=help_)
+        _common(p)
+        p.add_argument("--host")
+        p.add_argument("--port", type=int)
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("demo", help="the whole path on the embedded default")
+    p.add_argument("--workdir", type=Path, help="keep the demo's files here (default: a temporary folder)")
+    p.add_argument("--cross-border", action="store_true", help="two gateways (VN and TH) on loopback")
+    p.set_defaults(func=cmd_demo)
+
+    certs = sub.add_parser("certs", help="certificates").add_subparsers(dest="certs_command", required=True)
+    p = certs.add_parser("init", help="write a dev PKI and partner registry (test keys only)")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_certs_init)
+
+    p = sub.add_parser("samples", help="write an unsigned sample envelope for every shipped type")
+    p.add_argument("dir", type=Path)
+    p.set_defaults(func=cmd_samples)
+
+    p = sub.add_parser("sign", help="sign an envelope")
+    p.add_argument("file", type=Path)
+    p.add_argument("--key", type=Path, required=True)
+    p.add_argument("--cert", type=Path, required=True)
+    p.add_argument("--body-key", type=Path, help="issuing authority's key: also sign Body/Content")
+    p.add_argument("--body-cert", type=Path)
+    p.add_argument("--legacy-sha1", action="store_true", help="RSA-SHA1 + inclusive C14N (legacy partners)")
+    p.add_argument("-o", "--output", type=Path)
+    p.set_defaults(func=cmd_sign)
+
+    p = sub.add_parser("verify", help="check a signed message offline, as the ingress would")
+    _common(p)
+    p.add_argument("file", type=Path)
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("send", help="POST a signed message to a gateway")
+    p.add_argument("file", type=Path)
+    p.add_argument("--url", required=True)
+    p.add_argument("--timeout", type=float, default=30.0)
+    p.set_defaults(func=cmd_send)
+
+    routes = sub.add_parser("routes", help="routing").add_subparsers(dest="routes_command", required=True)
+    p = routes.add_parser("explain", help="which destinations a message goes to, and why")
+    _common(p)
+    p.add_argument("file", type=Path)
+    p.set_defaults(func=cmd_routes_explain)
+
+    audit = sub.add_parser("audit", help="the audit trail").add_subparsers(dest="audit_command", required=True)
+    p = audit.add_parser("verify", help="check the hash chain; names the first bad record")
+    _common(p)
+    p.set_defaults(func=cmd_audit_verify)
+    p = audit.add_parser("trace", help="a message's timeline")
+    _common(p)
+    p.add_argument("message_id")
+    p.set_defaults(func=cmd_audit_trace)
+
+    dlq = sub.add_parser("dlq", help="dead letters").add_subparsers(dest="dlq_command", required=True)
+    for name in ("list", "show", "replay"):
+        p = dlq.add_parser(name)
+        _common(p)
+        p.add_argument("--destination")
+        p.add_argument("--id")
+        if name == "replay":
+            p.add_argument("--all", action="store_true", help="replay every dead letter")
+        p.set_defaults(func=cmd_dlq)
+
+    config = sub.add_parser("config", help="settings").add_subparsers(dest="config_command", required=True)
+    p = config.add_parser("show", help="the effective settings, secrets redacted")
+    _common(p)
+    p.set_defaults(func=cmd_config_show)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging("console" if args.command in {"demo"} else "json", "info")
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except GatewayError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_REJECTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

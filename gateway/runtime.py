@@ -1,0 +1,128 @@
+"""Assembling the gateway from ``Settings``: the one place that knows every component.
+
+``Gateway.open`` loads trust material, registries, schemas and routing once, connects the broker
+and the ledger, and builds the pipeline; ``start_worker`` adds delivery workers (``nswgw run``
+does both in one process, ``serve`` and ``worker`` one each).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from adapters.base import Adapter
+from adapters.registry import build_adapter
+from gateway.brokers.base import Broker
+from gateway.brokers.factory import make_broker
+from gateway.config import Settings
+from gateway.model import PartyRef
+from gateway.partners import PartnerRegistry
+from gateway.pipeline import Admission, Pipeline
+from gateway.receipts import ReceiptFactory
+from gateway.security.sign import Signer
+from gateway.security.trust import TrustStore
+from gateway.security.verify import Verifier
+from gateway.stores.base import Ledger
+from gateway.stores.factory import make_ledger
+from gateway.validation import DocumentTypeRegistry, Validator
+from gateway.worker import Worker
+from routing.engine import RoutingTable, default_rules_path
+
+log = structlog.get_logger("nsw.runtime")
+
+
+def broker_for(settings: Settings) -> Broker:
+    """The configured backend with its own options (retry tiers are queues in RabbitMQ; leases in SQLite)."""
+    if settings.amqp_url:
+        return make_broker(settings.amqp_url, settings.data_dir, retry_tiers=settings.retry_tiers)
+    return make_broker(
+        None, settings.data_dir, lease_seconds=settings.lease_seconds, synchronous=settings.sqlite_synchronous
+    )
+
+
+def peer_destinations(partners: PartnerRegistry) -> frozenset[str]:
+    """``asw:<country>`` for every foreign NSW with an endpoint: routing may name them without listing them."""
+    return frozenset(f"asw:{p.country}" for p in partners.parties() if p.role == "peer" and p.endpoint is not None)
+
+
+def load_routing(settings: Settings) -> RoutingTable:
+    return RoutingTable.load(settings.routing_file or default_rules_path())
+
+
+@dataclass
+class Gateway:
+    settings: Settings
+    trust: TrustStore
+    partners: PartnerRegistry
+    validator: Validator
+    routing: RoutingTable
+    broker: Broker
+    ledger: Ledger
+    signer: Signer
+    receipts: ReceiptFactory
+    pipeline: Pipeline
+    worker: Worker | None = None
+    adapters: dict[str, Adapter] = field(default_factory=dict)
+
+    @classmethod
+    async def open(cls, settings: Settings, *, routing: RoutingTable | None = None) -> Gateway:
+        trust = TrustStore.load(settings.trust_dir)
+        partners = PartnerRegistry.load(settings.partners_path)
+        validator = Validator(DocumentTypeRegistry.load(settings.registry_file))
+        routing = routing or load_routing(settings)
+        signer = Signer.from_files(settings.gateway_key, settings.gateway_cert)
+        me = partners.get(settings.gateway_identity)
+        gateway_party = PartyRef(
+            identity=settings.gateway_identity,
+            name=me.name if me else settings.gateway_name,
+            country_code=me.country if me else settings.gateway_country,
+        )
+        receipts = ReceiptFactory(signer, gateway_party)
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        ledger = make_ledger(settings.database_url, settings.data_dir, synchronous=settings.sqlite_synchronous)
+        await ledger.open()
+        broker = broker_for(settings)
+        try:
+            await broker.start()
+            await broker.declare([*routing.destinations, *peer_destinations(partners)])
+        except Exception:
+            await ledger.close()
+            raise
+        admission = Admission(
+            settings=settings,
+            verifier=Verifier(trust, partners),
+            validator=validator,
+            partners=partners,
+            routing=routing,
+            extra_destinations=peer_destinations(partners),
+        )
+        pipeline = Pipeline(admission, broker=broker, ledger=ledger, receipts=receipts)
+        log.info(
+            "gateway.opened",
+            broker=getattr(broker, "name", type(broker).__name__),
+            destinations=sorted(routing.destinations),
+            document_types=len(list(validator.registry)),
+        )
+        return cls(settings, trust, partners, validator, routing, broker, ledger, signer, receipts, pipeline)
+
+    def build_adapters(self, base_dir: Path | None = None) -> dict[str, Adapter]:
+        base = base_dir or self.settings.data_dir
+        return {
+            name: build_adapter(name, dest.adapter, dest.options, base_dir=base)
+            for name, dest in self.routing.destinations.items()
+        }
+
+    async def start_worker(self, destinations: list[str] | None = None) -> Worker:
+        self.adapters = self.build_adapters()
+        policies = {name: (dest.retry, dest.breaker) for name, dest in self.routing.destinations.items()}
+        self.worker = Worker(self.broker, self.adapters, policies, self.ledger, prefetch=self.settings.prefetch)
+        await self.worker.start(destinations)
+        return self.worker
+
+    async def close(self) -> None:
+        if self.worker is not None:
+            await self.worker.stop()
+        await self.broker.close()
+        await self.ledger.close()
