@@ -65,11 +65,13 @@ def _network_failure(code: str, url: str, exc: BaseException) -> TransientFailur
 
 
 def _caused_by_tls(exc: BaseException) -> bool:
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, ssl.SSLError | ssl.CertificateError):
+    seen: set[int] = set()  # exception chains can be cyclic
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ssl.SSLError | ssl.CertificateError):
             return True
-        seen = seen.__cause__ or seen.__context__
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
     return False
 
 

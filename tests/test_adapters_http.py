@@ -1,0 +1,461 @@
+"""The HTTP push adapter: respx for the httpx client's unit behaviour; real loopback servers for the
+aiohttp client, refused connections and mutual TLS. Also the adapter registry."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import ipaddress
+import socket
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import respx
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from adapters.base import Adapter, DeliveryReceipt
+from adapters.file import FileAdapter
+from adapters.http import HTTP_CLIENTS, AiohttpClient, HttpAdapter, parse_retry_after
+from adapters.registry import ADAPTER_KINDS, build_adapter, register_adapter_kind
+from gateway.errors import ConfigError, PermanentFailure, TransientFailure
+from gateway.model import Delivery
+from gateway.retry import RetryAfterFailure, retry_after_of
+
+URL = "https://agency.test/inbox"
+PAYLOAD = b'<?xml version="1.0"?>\n<Envelope xmlns="urn:nsw:envelope:1"><Header/></Envelope>'
+
+
+def delivery(**changes: Any) -> Delivery:
+    fields: dict[str, Any] = {
+        "message_id": "7f1c0000-0000-4000-8000-000000000001",
+        "sender": "VN-MOIT",
+        "destination": "moit-licensing",
+        "document_type": "licence.import",
+        "payload": PAYLOAD,
+        "digest": hashlib.sha256(PAYLOAD).hexdigest(),
+        "attempt": 2,
+    }
+    return Delivery(**(fields | changes))
+
+
+@pytest.fixture
+async def adapter() -> AsyncIterator[HttpAdapter]:
+    a = HttpAdapter("moit-licensing", URL, headers={"Authorization": "Bearer t", "Idempotency-Key": "forged"})
+    yield a
+    await a.close()
+
+
+@pytest.fixture
+def agency() -> respx.MockRouter:
+    with respx.mock(assert_all_called=False) as router:
+        yield router
+
+
+async def test_posts_the_exact_bytes_with_delivery_headers(adapter: HttpAdapter, agency: respx.MockRouter) -> None:
+    route = agency.post(URL).mock(return_value=httpx.Response(202, text="accepted as AG-42"))
+    d = delivery()
+    receipt = await adapter.deliver(d)
+    assert receipt == DeliveryReceipt(status=202, detail="accepted as AG-42")
+    sent = route.calls.last.request
+    assert sent.content == PAYLOAD
+    assert sent.headers["Content-Type"] == "application/xml"
+    assert sent.headers["Idempotency-Key"] == "7f1c0000-0000-4000-8000-000000000001:moit-licensing"
+    assert sent.headers["X-NSW-Message-Id"] == d.message_id
+    assert sent.headers["X-NSW-Attempt"] == "2"
+    assert sent.headers["X-NSW-Document-Type"] == "licence.import"
+    assert sent.headers["X-NSW-Sender"] == "VN-MOIT"
+    assert sent.headers["X-NSW-Digest"] == f"sha-256={hashlib.sha256(PAYLOAD).hexdigest()}"
+    assert sent.headers["Authorization"] == "Bearer t"  # configured static headers go along
+    assert sent.headers.get_list("Idempotency-Key") == [d.idempotency_key]  # but never override ours
+
+
+async def test_receipt_detail_is_the_start_of_the_answer(adapter: HttpAdapter, agency: respx.MockRouter) -> None:
+    agency.post(URL).mock(return_value=httpx.Response(200, text="x" * 5000))
+    receipt = await adapter.deliver(delivery())
+    assert receipt.detail == "x" * 200
+
+
+@pytest.mark.parametrize("status", [408, 425, 429, 500, 502, 503, 504])
+async def test_retryable_statuses_are_transient(adapter: HttpAdapter, agency: respx.MockRouter, status: int) -> None:
+    agency.post(URL).mock(return_value=httpx.Response(status, text="try later"))
+    with pytest.raises(TransientFailure) as caught:
+        await adapter.deliver(delivery())
+    assert caught.value.code == f"HTTP_{status}"
+    assert "try later" in caught.value.detail
+    assert retry_after_of(caught.value) is None
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 409, 413, 422, 301])
+async def test_other_statuses_are_permanent(adapter: HttpAdapter, agency: respx.MockRouter, status: int) -> None:
+    agency.post(URL).mock(return_value=httpx.Response(status, text="<error>field X missing</error>"))
+    with pytest.raises(PermanentFailure) as caught:
+        await adapter.deliver(delivery())
+    assert caught.value.code == f"HTTP_{status}"
+    assert "<error>field X missing</error>" in caught.value.detail
+
+
+@pytest.mark.parametrize("status", [429, 503])
+async def test_retry_after_seconds_are_passed_on(adapter: HttpAdapter, agency: respx.MockRouter, status: int) -> None:
+    agency.post(URL).mock(return_value=httpx.Response(status, headers={"Retry-After": "120"}))
+    with pytest.raises(RetryAfterFailure) as caught:
+        await adapter.deliver(delivery())
+    assert caught.value.code == f"HTTP_{status}"
+    assert caught.value.retry_after == 120.0
+
+
+async def test_unreadable_retry_after_is_ignored(adapter: HttpAdapter, agency: respx.MockRouter) -> None:
+    agency.post(URL).mock(return_value=httpx.Response(503, headers={"Retry-After": "soon-ish"}))
+    with pytest.raises(TransientFailure) as caught:
+        await adapter.deliver(delivery())
+    assert retry_after_of(caught.value) is None
+
+
+def test_parse_retry_after_forms() -> None:
+    now = dt.datetime(2026, 11, 24, 10, 0, 0, tzinfo=dt.UTC).timestamp()
+    assert parse_retry_after("30", now=now) == 30.0
+    assert parse_retry_after(" 0 ", now=now) == 0.0
+    assert parse_retry_after("Tue, 24 Nov 2026 10:01:30 GMT", now=now) == 90.0
+    assert parse_retry_after("Tue, 24 Nov 2026 09:00:00 GMT", now=now) == 0.0  # in the past: now
+    assert parse_retry_after("-5", now=now) == 0.0
+    assert parse_retry_after("nan", now=now) is None
+    assert parse_retry_after("whenever", now=now) is None
+    assert parse_retry_after(None) is None
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (httpx.ReadTimeout("read timed out"), "TIMEOUT"),
+        (httpx.ConnectTimeout("connect timed out"), "TIMEOUT"),
+        (httpx.ConnectError("[Errno 111] Connection refused"), "CONNECT"),
+        (httpx.RemoteProtocolError("peer closed connection"), "NETWORK"),
+    ],
+)
+async def test_transport_errors_are_transient(
+    adapter: HttpAdapter, agency: respx.MockRouter, error: Exception, code: str
+) -> None:
+    agency.post(URL).mock(side_effect=error)
+    with pytest.raises(TransientFailure) as caught:
+        await adapter.deliver(delivery())
+    assert caught.value.code == code
+
+
+async def test_a_hanging_answer_hits_the_request_deadline(agency: respx.MockRouter) -> None:
+    never = asyncio.Event()
+
+    async def hang(request: httpx.Request) -> httpx.Response:
+        await never.wait()
+        return httpx.Response(200)
+
+    agency.post(URL).mock(side_effect=hang)
+    slow = HttpAdapter("slow", URL, timeout=0.05)
+    try:
+        with pytest.raises(TransientFailure) as caught:
+            await slow.deliver(delivery())
+    finally:
+        await slow.close()
+    assert caught.value.code == "TIMEOUT"
+
+
+async def test_in_flight_requests_are_bounded(agency: respx.MockRouter) -> None:
+    bound = 3
+    in_flight = 0
+    peak = 0
+    full = asyncio.Event()
+    release = asyncio.Event()
+
+    async def count(request: httpx.Request) -> httpx.Response:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        if in_flight == bound:
+            full.set()
+        await release.wait()
+        in_flight -= 1
+        return httpx.Response(200)
+
+    agency.post(URL).mock(side_effect=count)
+    bounded = HttpAdapter("bounded", URL, max_in_flight=bound)
+    try:
+        tasks = [asyncio.create_task(bounded.deliver(delivery(message_id=f"m{i}"))) for i in range(10)]
+        await full.wait()
+        release.set()
+        receipts = await asyncio.gather(*tasks)
+    finally:
+        await bounded.close()
+    assert peak == bound
+    assert [r.status for r in receipts] == [200] * 10
+
+
+# -- real loopback servers: refused connections, the aiohttp client, mutual TLS ----------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("client", sorted(HTTP_CLIENTS))
+async def test_connection_refused_is_transient(client: str) -> None:
+    refused = HttpAdapter("down", f"http://127.0.0.1:{free_port()}/inbox", client=HTTP_CLIENTS[client])
+    try:
+        with pytest.raises(TransientFailure) as caught:
+            await refused.deliver(delivery())
+    finally:
+        await refused.close()
+    assert caught.value.code == "CONNECT"
+
+
+ServerFactory = Callable[..., Awaitable[TestServer]]
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[ServerFactory]:
+    servers: list[TestServer] = []
+
+    async def start(
+        handler: Callable[[web.Request], Awaitable[web.Response]], ssl_context: ssl.SSLContext | None = None
+    ) -> TestServer:
+        app = web.Application()
+        app.router.add_post("/inbox", handler)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server(ssl=ssl_context)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        await server.close()
+
+
+async def test_aiohttp_client_behaves_like_httpx(serve: ServerFactory) -> None:
+    seen: list[tuple[bytes, dict[str, str]]] = []
+    answers = [
+        web.Response(status=503, headers={"Retry-After": "7"}),
+        web.Response(status=400, text="no"),
+        web.Response(status=200, text="ok"),
+    ]
+
+    async def inbox(request: web.Request) -> web.Response:
+        seen.append((await request.read(), dict(request.headers)))
+        return answers.pop(0)
+
+    server = await serve(inbox)
+    a = HttpAdapter("a", str(server.make_url("/inbox")), client=AiohttpClient)
+    try:
+        with pytest.raises(RetryAfterFailure) as throttled:
+            await a.deliver(delivery())
+        with pytest.raises(PermanentFailure) as refused:
+            await a.deliver(delivery())
+        receipt = await a.deliver(delivery())
+    finally:
+        await a.close()
+    assert throttled.value.retry_after == 7.0
+    assert refused.value.code == "HTTP_400"
+    assert receipt == DeliveryReceipt(status=200, detail="ok")
+    body, headers = seen[0]
+    assert body == PAYLOAD
+    assert headers["Idempotency-Key"] == delivery().idempotency_key
+    assert headers["Content-Type"] == "application/xml"
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca: Path
+    server_context: ssl.SSLContext
+    client_cert: Path
+    client_key: Path
+    stranger_cert: Path
+    stranger_key: Path
+
+
+def _cert(
+    subject: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: x509.Name | None,
+    signer: ec.EllipticCurvePrivateKey,
+    *,
+    ca: bool = False,
+    server: bool = False,
+) -> x509.Certificate:
+    now = dt.datetime.now(dt.UTC)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer or name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if server:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
+        ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+    elif not ca:
+        builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+    return builder.sign(signer, hashes.SHA256())
+
+
+def _write(folder: Path, stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> tuple[Path, Path]:
+    cert_path, key_path = folder / f"{stem}.pem", folder / f"{stem}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    folder = tmp_path_factory.mktemp("mtls")
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _cert("test agency CA", ca_key, None, ca_key, ca=True)
+    ca_path, _ = _write(folder, "ca", ca, ca_key)
+    server_key, client_key, stranger_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    server_cert, server_key_path = _write(
+        folder, "server", _cert("127.0.0.1", server_key, ca.subject, ca_key, server=True), server_key
+    )
+    client_cert, client_key_path = _write(folder, "client", _cert("nsw", client_key, ca.subject, ca_key), client_key)
+    stranger = _cert("stranger", stranger_key, None, stranger_key)  # self-signed: not from the agency's CA
+    stranger_cert, stranger_key_path = _write(folder, "stranger", stranger, stranger_key)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(ca_path))
+    context.load_cert_chain(server_cert, server_key_path)
+    context.verify_mode = ssl.CERT_REQUIRED
+    return Pki(ca_path, context, client_cert, client_key_path, stranger_cert, stranger_key_path)
+
+
+@pytest.mark.parametrize("client", sorted(HTTP_CLIENTS))
+async def test_mutual_tls(serve: ServerFactory, pki: Pki, client: str, tmp_path: Path) -> None:
+    peers: list[str] = []
+
+    async def inbox(request: web.Request) -> web.Response:
+        peer = request.transport.get_extra_info("peercert") if request.transport else None
+        peers.append(str(peer and dict(x[0] for x in peer["subject"])["commonName"]))
+        return web.Response(text="ok")
+
+    server = await serve(inbox, pki.server_context)
+    url = f"https://127.0.0.1:{server.port}/inbox"
+    good = build_adapter(
+        "secure",
+        "http",
+        {
+            "url": url,
+            "ca": pki.ca.name,
+            "client_cert": pki.client_cert.name,
+            "client_key": pki.client_key.name,
+            "client": client,
+        },
+        base_dir=pki.ca.parent,
+    )
+    stranger = HttpAdapter(
+        "secure",
+        url,
+        ca=pki.ca,
+        client_cert=pki.stranger_cert,
+        client_key=pki.stranger_key,
+        client=HTTP_CLIENTS[client],
+    )
+    no_ca = HttpAdapter(
+        "secure", url, client_cert=pki.client_cert, client_key=pki.client_key, client=HTTP_CLIENTS[client]
+    )
+    try:
+        assert (await good.deliver(delivery())).status == 200
+        with pytest.raises(TransientFailure) as refused:  # the agency rejects a certificate it does not trust
+            await stranger.deliver(delivery())
+        with pytest.raises(TransientFailure) as untrusted:  # and we reject an agency we cannot verify
+            await no_ca.deliver(delivery())
+    finally:
+        for a in (good, stranger, no_ca):
+            await a.close()
+    assert peers == ["nsw"]
+    assert refused.value.code in {"TLS", "NETWORK", "CONNECT"}  # TLS 1.3 reports the refusal after the handshake
+    assert untrusted.value.code == "TLS"
+
+
+# -- options and the registry -------------------------------------------------------------------
+
+
+def test_from_options_reads_every_option(tmp_path: Path) -> None:
+    a = build_adapter(
+        "moit",
+        "http",
+        {"url": URL, "timeout": 3, "connect_timeout": 1.5, "max_in_flight": 4, "headers": {"X-Api-Key": "k"}},
+        base_dir=tmp_path,
+    )
+    assert isinstance(a, HttpAdapter)
+    assert a.name == "moit"
+    assert a.url == URL
+    assert a.request_headers(delivery())["X-Api-Key"] == "k"
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        ({}, "'url' is required"),
+        ({"url": "ftp://x"}, "http:// or https://"),
+        ({"url": URL, "timeout": -1}, "'timeout' must be a positive number"),
+        ({"url": URL, "max_in_flight": 2.5}, "'max_in_flight' must be a whole number"),
+        ({"url": URL, "max_in_flight": True}, "'max_in_flight' must be a whole number"),
+        ({"url": URL, "headers": {"X": 1}}, "'headers' must map names to string values"),
+        ({"url": URL, "ca": "missing.pem"}, "'ca' names"),
+        ({"url": URL, "client": "urllib"}, "'client' must be one of"),
+        ({"url": URL, "timout": 3}, "unknown option(s) 'timout'"),
+        ({"url": "http://agency.test/", "client_cert": "cert.pem"}, "must be https://"),
+        ({"url": URL, "client_key": "cert.pem"}, "needs client_cert"),
+        ({"url": URL, "client_cert": "cert.pem"}, "could not be loaded for TLS"),
+        ("url=x", "must be a mapping"),
+    ],
+)
+def test_bad_http_options_name_the_destination(tmp_path: Path, options: Any, fragment: str) -> None:
+    (tmp_path / "cert.pem").write_text("not a certificate")
+    with pytest.raises(ConfigError) as caught:
+        build_adapter("moit", "http", options, base_dir=tmp_path)
+    assert "'moit'" in str(caught.value)
+    assert fragment in str(caught.value)
+
+
+def test_unknown_kind_names_the_destination_and_the_known_kinds(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"destination 'customs': unknown adapter kind 'smtp' \(known: .*file.*http"):
+        build_adapter("customs", "smtp", {}, base_dir=tmp_path)
+
+
+def test_builds_file_adapters_relative_to_base_dir(tmp_path: Path) -> None:
+    a = build_adapter("drop", "file", {"directory": "out/drop"}, base_dir=tmp_path)
+    assert isinstance(a, FileAdapter)
+    assert a.directory == tmp_path / "out" / "drop"
+
+
+def test_registered_kinds_plug_in(tmp_path: Path) -> None:
+    built: list[tuple[str, Any, Path]] = []
+
+    def factory(name: str, options: Any, base_dir: Path) -> Adapter:
+        built.append((name, options, base_dir))
+        if "broken" in options:
+            raise ValueError("peer certificate missing")
+        return FileAdapter(name, base_dir)
+
+    register_adapter_kind("test-peer", factory)
+    try:
+        assert build_adapter("asw:TH", "test-peer", {"peer": "TH"}, base_dir=tmp_path).name == "asw:TH"
+        with pytest.raises(ConfigError, match="destination 'asw:TH': bad test-peer adapter options: peer certificate"):
+            build_adapter("asw:TH", "test-peer", {"broken": True}, base_dir=tmp_path)
+        with pytest.raises(ValueError, match="already registered"):
+            register_adapter_kind("test-peer", lambda n, o, b: FileAdapter(n, b))
+    finally:
+        del ADAPTER_KINDS["test-peer"]
+    assert built[0] == ("asw:TH", {"peer": "TH"}, tmp_path)
