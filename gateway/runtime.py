@@ -12,6 +12,7 @@ from pathlib import Path
 
 import structlog
 
+from adapters.asw import ASW_KIND, PeerContext, build_peer_adapter
 from adapters.base import Adapter
 from adapters.registry import build_adapter
 from gateway.brokers.base import Broker
@@ -20,6 +21,7 @@ from gateway.config import Settings
 from gateway.model import PartyRef
 from gateway.partners import PartnerRegistry
 from gateway.pipeline import Admission, Pipeline
+from gateway.proofs import ProofStore
 from gateway.receipts import ReceiptFactory
 from gateway.security.sign import Signer
 from gateway.security.trust import TrustStore
@@ -109,10 +111,19 @@ class Gateway:
 
     def build_adapters(self, base_dir: Path | None = None) -> dict[str, Adapter]:
         base = base_dir or self.settings.data_dir
-        return {
-            name: build_adapter(name, dest.adapter, dest.options, base_dir=base)
+        # ASW peers need the gateway itself (its key, trust store, registry), not just options. A peer
+        # the routing file does not list as a destination (adapter: asw) gets the default options.
+        verifier = Verifier(self.trust, self.partners)
+        peers = PeerContext(self.receipts.gateway, self.signer, verifier, ProofStore.under(self.settings.data_dir))
+        adapters = {
+            name: build_peer_adapter(name, dest.options, peers)
+            if dest.adapter == ASW_KIND
+            else build_adapter(name, dest.adapter, dest.options, base_dir=base)
             for name, dest in self.routing.destinations.items()
         }
+        for name in sorted(peer_destinations(self.partners) - adapters.keys()):
+            adapters[name] = build_peer_adapter(name, {}, peers)
+        return adapters
 
     async def start_worker(self, destinations: list[str] | None = None) -> Worker:
         self.adapters = self.build_adapters()
