@@ -49,6 +49,8 @@ def _unknown_destination(rule: Rule, target: Target, name: str, values: FieldVal
     if target.fields:
         field = target.fields[0]
         location = f"field {field} = {values.expression(field)}"
+    elif target.header_fields:
+        location = f"header field {target.header_fields[0]}"
     return Rejected(
         ErrorCode.NO_ROUTE,
         f"rule {rule.name!r} routes to {shown!r} (from {target.text!r}), which is not a configured destination",
@@ -108,7 +110,7 @@ class RoutingTable:
                     if target.decision.destination not in chosen:
                         chosen[target.decision.destination] = target.decision
                     continue
-                names, why = target.render(values)
+                names, why = target.render(values, header)
                 if why:
                     skipped.append(f"rule {rule.name}: {why}")
                 for name in names:
@@ -144,7 +146,7 @@ class RoutingTable:
             skipped: list[str] = []
             if matched:
                 for target in rule.targets:
-                    names, why = target.render(values)
+                    names, why = target.render(values, header)
                     if why:
                         skipped.append(why)
                         skipped_all.append(f"rule {rule.name}: {why}")

@@ -19,7 +19,7 @@ from typing import Any
 
 from lxml import etree
 
-from routing.conditions import Values
+from routing.conditions import HEADER_SUBJECTS, Values
 
 FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _LITERAL = re.compile(r"\"[^\"]*\"|'[^']*'")
@@ -44,6 +44,8 @@ class FieldDef:
 def compile_field(name: str, expression: Any, namespaces: Mapping[str, str]) -> FieldDef:
     if not FIELD_NAME.match(name):
         raise FieldSpecError(f"field name {name!r} must be letters, digits and _ (it is used in {{templates}})")
+    if name in HEADER_SUBJECTS:
+        raise FieldSpecError(f"field name {name!r} is a header field's name; {{{name}}} in a template reads the header")
     if not isinstance(expression, str) or not expression.strip():
         raise FieldSpecError(f"field {name!r}: the XPath must be a non-empty string, got {expression!r}")
     code = _LITERAL.sub("''", expression)

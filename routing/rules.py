@@ -8,7 +8,7 @@ from itertools import product
 from string import Formatter
 
 from gateway.model import Header, RouteDecision
-from routing.conditions import Condition, Values, only_positive, show
+from routing.conditions import HEADER_SUBJECTS, Condition, Values, only_positive, show
 from routing.fields import FIELD_NAME, FieldValues
 
 #: Destinations with this prefix are ASW peers, resolved per message (configured or supplied by the caller).
@@ -21,32 +21,41 @@ class TargetSpecError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """One entry of a rule's ``to``: a destination name, or a template such as ``asw:{importingCountry}``."""
+    """One entry of a rule's ``to``: a destination name, or a template such as ``asw:{importingCountry}``.
+
+    A template reads business fields, or header fields by their condition names (``asw:{toCountry}``:
+    answers go back to the country they are addressed to)."""
 
     text: str
     parts: tuple[tuple[str, str | None], ...]  # (literal, field or None), in order
-    fields: tuple[str, ...]
+    fields: tuple[str, ...]  # business fields it reads
     decision: RouteDecision | None  # prebuilt for a fixed, configured destination
+    header_fields: tuple[str, ...] = ()  # header fields it reads (keys of HEADER_SUBJECTS)
 
     @property
     def is_template(self) -> bool:
-        return bool(self.fields)
+        return bool(self.fields or self.header_fields)
 
-    def render(self, values: FieldValues) -> tuple[tuple[str, ...], str]:
+    def render(self, values: FieldValues, header: Header) -> tuple[tuple[str, ...], str]:
         """The destination names this target gives for one message, or () and why none."""
-        if not self.fields:
+        if not self.is_template:
             return (self.text,), ""
         seen: dict[str, Values] = {}
-        for key in self.fields:
-            found = values.get(key)
-            if not found:
+        for key in (*self.fields, *self.header_fields):
+            if key in self.header_fields:
+                value = HEADER_SUBJECTS[key](header)
+                found: Values = (value,) if value else ()
+                why = "is empty in the header"
+            else:
+                found = values.get(key)
                 why = "is not defined for this document type" if not values.defined(key) else "is empty"
+            if not found:
                 return (), f"{self.text}: field {key} {why}"
             seen[key] = found
         names: dict[str, None] = {}
-        choices = [seen[key] for key in self.fields]
-        for combination in product(*choices):
-            chosen = dict(zip(self.fields, combination, strict=True))
+        keys = tuple(seen)
+        for combination in product(*(seen[key] for key in keys)):
+            chosen = dict(zip(keys, combination, strict=True))
             names["".join(lit + (chosen[f] if f else "") for lit, f in self.parts)] = None
         return tuple(names), ""
 
@@ -67,12 +76,14 @@ def parse_target(text: object, rule: str, configured: frozenset[str]) -> Target:
         if spec or conversion or not FIELD_NAME.match(key):
             raise TargetSpecError(f"destination template {text!r}: write fields as {{name}}, got {{{key}}}")
         parts.append(("", key))
-    fields = tuple(dict.fromkeys(f for _, f in parts if f is not None))
-    if not fields and text not in configured and not text.startswith(DYNAMIC_PREFIX):
+    keys = tuple(dict.fromkeys(f for _, f in parts if f is not None))
+    fields = tuple(k for k in keys if k not in HEADER_SUBJECTS)
+    header_fields = tuple(k for k in keys if k in HEADER_SUBJECTS)
+    if not keys and text not in configured and not text.startswith(DYNAMIC_PREFIX):
         known = ", ".join(sorted(configured))
         raise TargetSpecError(f"'to' names destination {text!r}, which is not defined (defined: {known})")
-    decision = RouteDecision(text, rule) if not fields and text in configured else None
-    return Target(text, tuple(parts), fields, decision)
+    decision = RouteDecision(text, rule) if not keys and text in configured else None
+    return Target(text, tuple(parts), fields, decision, header_fields)
 
 
 @dataclass(frozen=True, slots=True)
