@@ -376,6 +376,11 @@ def _registry_entry(spec: PartySpec, fingerprints: Sequence[tuple[str, str]]) ->
     return entry
 
 
+def _dump_registry(path: Path, registry: Mapping[str, Any]) -> Path:
+    header = "# Dev partner registry written by `nswgw certs init` -- TEST KEYS ONLY, never for production.\n"
+    return _write(path, (header + yaml.safe_dump(dict(registry), sort_keys=False)).encode())
+
+
 README = """\
 DEVELOPMENT / TEST KEYS ONLY -- NEVER USE IN PRODUCTION
 =======================================================
@@ -469,8 +474,7 @@ class _Build:
             entry = _registry_entry(spec, self.bound[spec.identity])
             entry["endpoint"] = self.endpoints.get(spec.identity)
             registry["parties"][spec.identity] = entry
-        header = "# Dev partner registry written by `nswgw certs init` -- TEST KEYS ONLY, never for production.\n"
-        return _write(self.out / "partners.yaml", (header + yaml.safe_dump(registry, sort_keys=False)).encode())
+        return _dump_registry(self.out / "partners.yaml", registry)
 
     def write_readme(self, fingerprints: Mapping[str, str]) -> Path:
         listing = "".join(f"  {k:<28} {v}\n" for k, v in fingerprints.items())
@@ -571,3 +575,147 @@ def load_issued(pair: KeyPair) -> Issued:
     if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
         raise TypeError(f"{pair.key}: only RSA and ECDSA keys are supported")
     return Issued(key, x509.load_pem_x509_certificates(pair.cert.read_bytes())[0])
+
+
+# -- two gateways that trust each other (cross-border exchange) -------------------------------------
+
+# The peer country's customs and e-C/O issuing authority, by country; other countries get plain names.
+_PEER_COUNTRY_PARTIES: Final[Mapping[str, tuple[tuple[str, str], tuple[str, str]]]] = {
+    "TH": (("TH-CUSTOMS", "Thai Customs Department"), ("TH-DFT", "Department of Foreign Trade, Ministry of Commerce")),
+}
+_GATEWAY_SENDS: Final[Mapping[str, str]] = {
+    "nsw.receipt": "*",
+    "nsw.rejection": "*",
+    "eco.atiga-form-d": "*",
+    "sps.ephyto": "*",
+}
+DEFAULT_HOME_URL: Final = "https://127.0.0.1:8443/v1/messages"
+
+
+@dataclass(frozen=True, slots=True)
+class DevPkiPair:
+    """Two dev PKIs whose gateways trust each other (``init_dev_pki_pair``)."""
+
+    home: DevPki  # e.g. VN: the ``init_dev_pki`` layout; its registry also names the peer's issuing authority
+    peer_dir: Path  # e.g. TH: the same layout (without test/), usable as ``Settings.certs_dir``
+    home_identity: str  # the home gateway, e.g. VN-NSW
+    peer_identity: str  # the peer gateway, e.g. TH-NSW
+    peer_customs: str  # e.g. TH-CUSTOMS
+    peer_issuer: str  # the peer country's e-C/O issuing authority, e.g. TH-DFT
+
+    def party(self, identity: str) -> KeyPair:
+        """Key and certificate of any party of either side (peer side first)."""
+        folder = self.peer_dir / "parties" / identity
+        if not folder.is_dir():
+            folder = self.home.dir / "parties" / identity
+        return KeyPair(folder / "key.pem", folder / "cert.pem")
+
+
+def _copy(source: Path, target: Path) -> Path:
+    return _write(target, source.read_bytes(), source.stat().st_mode & 0o777)
+
+
+def init_dev_pki_pair(
+    out_dir: Path,
+    *,
+    home_identity: str = "VN-NSW",
+    home_country: str = "VN",
+    peer_identity: str = "TH-NSW",
+    home_url: str = DEFAULT_HOME_URL,
+    peer_url: str | None = None,
+    now: datetime | None = None,
+    force: bool = False,
+) -> DevPkiPair:
+    """``out_dir/<home>`` and ``out_dir/<peer>`` (lower-case country codes): the home gateway's dev PKI
+    (``init_dev_pki``, with ``peer_identity`` as its peer) and the peer gateway's, built on the peer root
+    the home PKI made. Each trusts the other's root, registers the other gateway as a ``peer`` with its
+    real certificate fingerprint and endpoint (``home_url`` / ``peer_url``; mutual TLS with the gateway
+    certificates), and names the other country's issuing authorities, so a Body signed by a ministry on
+    one side verifies on the other. The peer side has a customs party and an e-C/O issuing authority."""
+    home_dir = out_dir / home_country.lower()
+    home = init_dev_pki(
+        home_dir, gateway_identity=home_identity, country=home_country, peers=(peer_identity,), now=now, force=force
+    )
+    spec = _peer_spec(peer_identity)
+    peer_dir = out_dir / spec.country.lower()
+    _prepare(peer_dir, force)
+    build = _Build(peer_dir, (now or datetime.now(UTC)).replace(microsecond=0))
+    stem = f"{peer_identity.lower()}-dev-root"
+    root = load_issued(KeyPair(home_dir / "ca" / stem / "key.pem", home_dir / "ca" / stem / "cert.pem"))
+    build.cas.append(root.cert)
+    for name in ("key.pem", "cert.pem"):
+        _copy(home_dir / "ca" / stem / name, peer_dir / "ca" / stem / name)
+
+    # Trust: our own root, the home root, the home intermediate and its CRL.
+    _write(peer_dir / "trust" / "anchors" / f"{stem}.pem", _pem(root.cert))
+    _copy(home.root, peer_dir / "trust" / "anchors" / home.root.name)
+    _copy(home.intermediate, peer_dir / "trust" / "intermediates" / home.intermediate.name)
+    _copy(home.crl, peer_dir / "trust" / "crl" / home.crl.name)
+
+    # The peer gateway signs with the very certificate the home registry binds to it.
+    gateway_spec = PartySpec(peer_identity, spec.name, "nsw", spec.country, key="ec", may_send=_GATEWAY_SENDS)
+    for name in ("key.pem", "cert.pem"):
+        source = home_dir / "parties" / peer_identity / name
+        _copy(source, peer_dir / "gateway" / name)
+        _copy(source, peer_dir / "parties" / peer_identity / name)
+    build.parties[peer_identity] = KeyPair(peer_dir / "gateway" / "key.pem", peer_dir / "gateway" / "cert.pem")
+    build.bound[peer_identity] = [(home.fingerprints[peer_identity], "dev gateway cert (from the peer root)")]
+    build.specs.append(gateway_spec)
+
+    (customs, customs_name), (issuer, issuer_name) = _PEER_COUNTRY_PARTIES.get(
+        spec.country,
+        ((f"{spec.country}-CUSTOMS", f"{spec.country} Customs"), (f"{spec.country}-MOC", f"{spec.country} Ministry")),
+    )
+    customs_spec = PartySpec(
+        customs, customs_name, "customs", spec.country, may_send={"eco.atiga-form-d": "*", "sps.ephyto": "*"}
+    )
+    build.party(customs_spec, root, (), server=False)
+    issuer_cert = build.party(
+        PartySpec(
+            issuer,
+            issuer_name,
+            "agency",
+            spec.country,
+            may_send={"eco.atiga-form-d": "*"},
+            authority_for=("eco.atiga-form-d",),
+        ),
+        root,
+        (),
+        server=False,
+    )
+
+    # The home gateway as this side's peer, and the home country's issuing authorities (they never send here).
+    home_spec = PartySpec(
+        home_identity, f"{home_country} National Single Window", "peer", home_country, may_send=_GATEWAY_SENDS
+    )
+    build.specs.append(home_spec)
+    build.bound[home_identity] = [(home.fingerprints[home_identity], "the peer gateway's signing cert")]
+    tls = {"ca": f"trust/anchors/{home.root.name}", "client_cert": "gateway/cert.pem", "client_key": "gateway/key.pem"}
+    build.endpoints[home_identity] = {"url": home_url, "tls": tls}
+    for base in DEV_PARTIES:
+        if base.authority_for:
+            build.specs.append(replace(base, may_send={}, allow_legacy_sha1=False))
+            build.bound[base.identity] = [(home.fingerprints[base.identity], f"{home_country} issuing authority")]
+    build.write_registry()
+    build.write_readme({identity: fps[0][0] for identity, fps in build.bound.items()})
+
+    # The home side learns the peer's issuing authority and where the peer listens.
+    registry = yaml.safe_load(home.partners.read_text(encoding="utf-8"))
+    registry["parties"][issuer] = _registry_entry(
+        PartySpec(issuer, issuer_name, "agency", spec.country, authority_for=("eco.atiga-form-d",)),
+        [(fingerprint(issuer_cert.cert), f"{spec.country} issuing authority")],
+    )
+    if peer_url is not None:
+        registry["parties"][peer_identity]["endpoint"]["url"] = peer_url
+    _dump_registry(home.partners, registry)
+    return DevPkiPair(home, peer_dir, home_identity, peer_identity, customs, issuer)
+
+
+def set_peer_url(partners: Path, identity: str, url: str) -> None:
+    """Point a dev registry's peer ``identity`` at ``url`` (tests and demos pick free loopback ports)."""
+    registry = yaml.safe_load(partners.read_text(encoding="utf-8"))
+    endpoint = registry["parties"][identity].get("endpoint")
+    if not endpoint:
+        raise KeyError(f"{partners}: party {identity} has no endpoint")
+    endpoint["url"] = url
+    _dump_registry(partners, registry)
