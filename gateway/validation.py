@@ -315,10 +315,19 @@ def _build_xmlschema(sset: SchemaSet) -> xmlschema.XMLSchema:
         try:
             schema = xmlschema.XMLSchema(sources if len(sources) > 1 else sources[0], allow="local", opener=opener)
         except (xmlschema.XMLSchemaException, OSError) as exc:
-            raise _load_failure(sset, handler.refused, caught, exc) from exc
-    if handler.refused or caught:
-        raise _load_failure(sset, handler.refused, caught, None)
+            raise _load_failure(sset, handler.refused, _failed_loads(caught), exc) from exc
+    failed = _failed_loads(caught)
+    if handler.refused or failed:
+        raise _load_failure(sset, handler.refused, failed, None)
+    for other in caught:
+        if other not in failed:
+            log.warning("schema_load_warning", schema=sset.label, warning=str(other.message))
     return schema
+
+
+def _failed_loads(caught: Sequence[warnings.WarningMessage]) -> list[warnings.WarningMessage]:
+    kinds = (xmlschema.XMLSchemaImportWarning, xmlschema.XMLSchemaIncludeWarning)
+    return [w for w in caught if issubclass(w.category, kinds)]
 
 
 def _load_failure(

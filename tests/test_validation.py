@@ -334,6 +334,17 @@ def test_a_minimal_registry_of_ones_own_loads_and_validates(tmp_path: Path) -> N
     assert error.location == "/Doc"
 
 
+def test_an_edited_schema_is_compiled_again_by_the_next_validator(tmp_path: Path) -> None:
+    path = write_registry(tmp_path, GOOD_ENTRY)
+    number = etree.fromstring(b'<Doc xmlns="urn:x">42</Doc>')
+    Validator(DocumentTypeRegistry.load(path)).validate_document("x.doc", number)
+    schema = tmp_path / "doc.xsd"
+    schema.write_text(schema.read_text().replace('type="xs:string"', 'type="xs:date"'))
+    error = rejection(lambda: Validator(DocumentTypeRegistry.load(path)).validate_document("x.doc", number))
+    assert error.location == "/Doc"
+    assert "Invalid datetime string '42'" in error.detail
+
+
 @pytest.mark.parametrize(
     ("entry", "problem"),
     [
