@@ -475,7 +475,10 @@ async def _round_trip(pair: _Pair) -> int:
 
     back = (await pair.vn_agencies.wait_for("moit"))[0]
     back_header = parse_header(parse_untrusted(back.body))
-    await wait_for_destination(th.gateway.ledger, answer_id, "asw:VN")
+    settled = [
+        await wait_for_destination(node.gateway.ledger, mid, destination)
+        for node, mid, destination in ((th, eco_id, "customs"), (th, answer_id, "asw:VN"), (vn, answer_id, "moit"))
+    ]
     _say(
         f"5. VN-MOIT received {back_header.message_id} from {back_header.sender.identity}: function "
         f"{back_header.function}, preReference {back_header.pre_reference}"
@@ -494,6 +497,7 @@ async def _round_trip(pair: _Pair) -> int:
         and to_th.state is State.DELIVERED
         and proof is not None
         and back_header.pre_reference == eco_id
+        and all(status.state is State.DELIVERED for status in settled)
         and all(r.ok for r in reports)
     )
     _say("cross-border demo " + ("completed" if ok else "FAILED"))
