@@ -60,25 +60,28 @@ async def rejected_at_vn(pair: CrossBorder, body: bytes) -> tuple[int, str, str]
     return status, rejection.findtext("r:code", namespaces=R) or "", rejection.findtext("r:detail", namespaces=R) or ""
 
 
-async def test_a_peer_sending_a_type_no_peer_may_send_is_sender_mismatch(
+@pytest.mark.parametrize(
+    ("document_type", "narrowed", "fault"),
+    [
+        ("licence.import", None, "a peer may not send function 01 of licence.import"),  # the type registry
+        ("sps.ephyto", "sps.ephyto", "TH-NSW is not registered to send function 01 of sps.ephyto"),  # its entry
+    ],
+    ids=["no peer may send it", "its registry entry does not allow it"],
+)
+async def test_a_peer_sending_a_type_it_is_not_allowed_is_sender_mismatch(
+    dirs: PairDirs,
     cross_border: Callable[..., Awaitable[CrossBorder]],
+    document_type: str,
+    narrowed: str | None,
+    fault: str,
 ) -> None:
+    if narrowed is not None:
+        edit_registry(dirs.vn, lambda parties: parties["TH-NSW"]["may_send"].pop(narrowed))
     pair = await cross_border()
-    licence = sample_envelope("licence.import", sender="TH-NSW", recipient="VN-NSW")
-    status, code, detail = await rejected_at_vn(pair, to_bytes(pair.dirs.signer("TH-NSW").sign_envelope(licence)))
+    envelope = sample_envelope(document_type, sender="TH-NSW", recipient="VN-NSW")
+    status, code, detail = await rejected_at_vn(pair, to_bytes(pair.dirs.signer("TH-NSW").sign_envelope(envelope)))
     assert (status, code) == (403, "SENDER_MISMATCH")
-    assert "a peer may not send function 01 of licence.import" in detail
-
-
-async def test_a_peer_sending_a_type_its_registry_entry_does_not_allow_is_sender_mismatch(
-    dirs: PairDirs, cross_border: Callable[..., Awaitable[CrossBorder]]
-) -> None:
-    edit_registry(dirs.vn, lambda parties: parties["TH-NSW"]["may_send"].pop("sps.ephyto"))
-    pair = await cross_border()
-    ephyto = sample_envelope("sps.ephyto", sender="TH-NSW", recipient="VN-NSW")
-    status, code, detail = await rejected_at_vn(pair, to_bytes(pair.dirs.signer("TH-NSW").sign_envelope(ephyto)))
-    assert (status, code) == (403, "SENDER_MISMATCH")
-    assert "TH-NSW is not registered to send function 01 of sps.ephyto" in detail
+    assert fault in detail
 
 
 async def test_a_forward_vn_does_not_allow_from_th_is_dead_lettered_at_th_with_sender_mismatch(
