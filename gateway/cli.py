@@ -3,6 +3,7 @@
 nswgw serve | worker | run          the ingress, the delivery workers, or both in one process
 nswgw demo                          the whole path on the embedded default, nothing to install
 nswgw certs init DIR                a dev PKI and partner registry (test keys only)
+nswgw certs check [--within 30d]    certificates about to expire; exit 1 if one needs renewing
 nswgw samples DIR                   a realistic unsigned sample envelope for every shipped type
 nswgw sign FILE --key K --cert C    SystemSignature (and optionally the issuer's Body signature)
 nswgw verify FILE                   offline check, the ingress's own code path
@@ -48,10 +49,13 @@ def _settings(args: argparse.Namespace) -> Settings:
 # -- services ---------------------------------------------------------------------------------
 
 
-async def _serve(settings: Settings, *, ingress: bool, worker: bool) -> None:
+async def _serve(
+    settings: Settings, *, ingress: bool, worker: bool, metrics_port: int | None = None, metrics_host: str | None = None
+) -> None:
     from aiohttp import web
 
     from gateway.ingress import create_app
+    from gateway.metrics import start_metrics_server
     from gateway.runtime import Gateway
 
     gw = await Gateway.open(settings)
@@ -60,9 +64,16 @@ async def _serve(settings: Settings, *, ingress: bool, worker: bool) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     runner: web.AppRunner | None = None
+    metrics_runner: web.AppRunner | None = None
     try:
         if worker:
             await gw.start_worker()
+        # Routing hot reload (gateway/reload.py): the rules file is polled; SIGHUP reloads at once.
+        loop.add_signal_handler(signal.SIGHUP, gw.start_reloader().request)
+        if metrics_port is not None:
+            host = metrics_host or settings.host
+            metrics_runner = await start_metrics_server(gw.metrics, settings.operator_token, host, metrics_port)
+            print(f"nswgw metrics on {host}:{metrics_port}/metrics", file=sys.stderr)
         if ingress:
             runner = web.AppRunner(create_app(gw), handle_signals=False)
             await runner.setup()
@@ -72,6 +83,8 @@ async def _serve(settings: Settings, *, ingress: bool, worker: bool) -> None:
     finally:
         if runner is not None:
             await runner.cleanup()
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
         await gw.close()
 
 
@@ -89,18 +102,22 @@ def _ssl_context(settings: Settings) -> Any:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    asyncio.run(_serve(_settings(args), ingress=True, worker=False))
+    asyncio.run(_serve(_settings(args), ingress=True, worker=False, **_metrics_options(args)))
     return EXIT_OK
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    asyncio.run(_serve(_settings(args), ingress=False, worker=True))
+    asyncio.run(_serve(_settings(args), ingress=False, worker=True, **_metrics_options(args)))
     return EXIT_OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    asyncio.run(_serve(_settings(args), ingress=True, worker=True))
+    asyncio.run(_serve(_settings(args), ingress=True, worker=True, **_metrics_options(args)))
     return EXIT_OK
+
+
+def _metrics_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"metrics_port": args.metrics_port, "metrics_host": args.metrics_host}
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -119,6 +136,27 @@ def cmd_certs_init(args: argparse.Namespace) -> int:
     print(f"dev PKI written to {args.dir} (test keys only)")
     print(f"partner registry: {pki.partners}")
     return EXIT_OK
+
+
+def cmd_certs_check(args: argparse.Namespace) -> int:
+    from gateway.partners import PartnerRegistry
+    from gateway.security.expiry import check_expiry, collect_for_settings, parse_duration, render
+
+    try:
+        within = parse_duration(args.within)
+    except ValueError as exc:
+        print(f"--within: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    settings = _settings(args)
+    partners = PartnerRegistry.load(settings.partners_path)
+    problems: list[str] = []
+    certs = collect_for_settings(settings, partners, problems)
+    report = check_expiry(certs, within, partners=partners, problems=problems)
+    if args.json:
+        print(json.dumps(asdict(report), indent=2, default=str))
+    else:
+        print("\n".join(render(report)))
+    return EXIT_REJECTED if report.failing else EXIT_OK
 
 
 def cmd_samples(args: argparse.Namespace) -> int:
@@ -370,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
         _common(p)
         p.add_argument("--host")
         p.add_argument("--port", type=int)
+        p.add_argument("--metrics-port", type=int, help="also serve /metrics on this port (e.g. for a worker)")
+        p.add_argument("--metrics-host", help="address for --metrics-port (default: the --host setting)")
         p.set_defaults(func=func)
 
     p = sub.add_parser("demo", help="the whole path on the embedded default")
@@ -382,6 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", type=Path)
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_certs_init)
+    p = certs.add_parser("check", help="list certificates expiring soon; exit 1 if one needs renewing")
+    _common(p)
+    p.add_argument("--within", default="30d", help="window such as 30d, 12h, 2w (default 30d)")
+    p.add_argument("--json", action="store_true", help="the full report as JSON")
+    p.set_defaults(func=cmd_certs_check)
 
     p = sub.add_parser("samples", help="write an unsigned sample envelope for every shipped type")
     p.add_argument("dir", type=Path)

@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
 
+from gateway.access import Denied, StatusAccess
 from gateway.errors import ErrorCode, Rejected
+from gateway.metrics import metrics_response
 from gateway.pipeline import IngressResult
 
 if TYPE_CHECKING:
@@ -20,6 +22,7 @@ if TYPE_CHECKING:
 
 XML_TYPES: Final = frozenset({"application/xml", "text/xml"})
 GATEWAY_KEY: Final = web.AppKey("gateway", object)
+ACCESS_KEY: Final = web.AppKey("status_access", StatusAccess)
 CHUNK: Final = 256 * 1024
 
 
@@ -64,11 +67,27 @@ async def post_message(request: web.Request) -> web.Response:
 
 
 async def get_message(request: web.Request) -> web.Response:
+    """Only the sender or an operator may read a status (gateway/access.py); nobody else learns it exists."""
     gw = _gateway(request)
-    status = await gw.ledger.status(request.match_info["message_id"])
+    access = request.app[ACCESS_KEY]
+    message_id = request.match_info["message_id"]
+    try:
+        caller = access.identify(request, message_id)
+    except Denied as denied:
+        return denied.response()
+    status = await gw.ledger.status(message_id)
+    verdict = access.decide(caller, status)
+    if verdict == 403:
+        return web.json_response({"error": "not a message you sent"}, status=403)
     if status is None:
         return web.json_response({"error": "unknown messageId"}, status=404)
     return web.json_response(status_document(status), dumps=lambda o: json.dumps(o, default=str))
+
+
+async def metrics(request: web.Request) -> web.Response:
+    if not request.app[ACCESS_KEY].metrics_allowed(request):
+        return web.json_response({"error": "operator token required"}, status=401)
+    return metrics_response(_gateway(request).metrics)
 
 
 def status_document(status: object) -> dict[str, object]:
@@ -92,8 +111,12 @@ def create_app(gateway: Gateway) -> web.Application:
     # aiohttp's own limit is set just above ours so that *we* answer 413 with a signed rejection.
     app = web.Application(client_max_size=gateway.settings.max_body_bytes + CHUNK)
     app[GATEWAY_KEY] = gateway
+    app[ACCESS_KEY] = StatusAccess(
+        operator_token=gateway.settings.operator_token, partners=gateway.partners, trust=gateway.trust
+    )
     app.router.add_post("/v1/messages", post_message)
     app.router.add_get("/v1/messages/{message_id}", get_message)
     app.router.add_get("/livez", livez)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
     return app

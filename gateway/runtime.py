@@ -18,11 +18,20 @@ from adapters.registry import build_adapter
 from gateway.brokers.base import Broker
 from gateway.brokers.factory import make_broker
 from gateway.config import Settings
+from gateway.metrics import (
+    BreakerCollector,
+    CertificateExpiryCollector,
+    EventCounter,
+    GatewayMetrics,
+    MetricsLedger,
+)
 from gateway.model import PartyRef
 from gateway.partners import PartnerRegistry
 from gateway.pipeline import Admission, Pipeline
 from gateway.proofs import ProofStore
 from gateway.receipts import ReceiptFactory
+from gateway.reload import DEFAULT_INTERVAL, RoutingReloader
+from gateway.security.expiry import CertificateInventory
 from gateway.security.sign import Signer
 from gateway.security.trust import TrustStore
 from gateway.security.verify import Verifier
@@ -67,6 +76,8 @@ class Gateway:
     pipeline: Pipeline
     worker: Worker | None = None
     adapters: dict[str, Adapter] = field(default_factory=dict)
+    metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
+    reloader: RoutingReloader | None = None
 
     @classmethod
     async def open(cls, settings: Settings, *, routing: RoutingTable | None = None) -> Gateway:
@@ -85,6 +96,9 @@ class Gateway:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         ledger = make_ledger(settings.database_url, settings.data_dir, synchronous=settings.sqlite_synchronous)
         await ledger.open()
+        # Metrics are counted from the events the ledger carries (gateway/metrics.py); one registry per gateway.
+        metrics = GatewayMetrics()
+        ledger = MetricsLedger(ledger, EventCounter(metrics, is_party=lambda p: partners.get(p) is not None))
         broker = broker_for(settings)
         try:
             await broker.start()
@@ -107,7 +121,12 @@ class Gateway:
             destinations=sorted(routing.destinations),
             document_types=len(list(validator.registry)),
         )
-        return cls(settings, trust, partners, validator, routing, broker, ledger, signer, receipts, pipeline)
+        gateway = cls(
+            settings, trust, partners, validator, routing, broker, ledger, signer, receipts, pipeline, metrics=metrics
+        )
+        metrics.add_collector(BreakerCollector(gateway.breaker_states))
+        metrics.add_collector(CertificateExpiryCollector(CertificateInventory(settings, partners).current))
+        return gateway
 
     def build_adapters(self, base_dir: Path | None = None) -> dict[str, Adapter]:
         base = base_dir or self.settings.data_dir
@@ -132,7 +151,22 @@ class Gateway:
         await self.worker.start(destinations)
         return self.worker
 
+    def breaker_states(self) -> dict[str, str]:
+        """Circuit breaker per destination, over the worker and any consumers a routing reload added."""
+        workers = [self.worker] if self.worker is not None else []
+        workers += self.reloader.workers if self.reloader is not None else []
+        return {name: state for worker in workers for name, state in worker.breaker_states().items()}
+
+    def start_reloader(self, *, interval: float = DEFAULT_INTERVAL) -> RoutingReloader:
+        """Watch the routing rules file (and honour ``reloader.request()``, e.g. from SIGHUP)."""
+        if self.reloader is None:
+            self.reloader = RoutingReloader(self, self.settings.routing_file or default_rules_path(), interval=interval)
+            self.reloader.start()
+        return self.reloader
+
     async def close(self) -> None:
+        if self.reloader is not None:
+            await self.reloader.stop()
         if self.worker is not None:
             await self.worker.stop()
         await self.broker.close()

@@ -1,0 +1,343 @@
+"""Prometheus metrics, derived from the event stream: no stage or worker knows they exist.
+
+``MetricsLedger`` wraps the ledger. Everything the ingress and the workers report passes through it
+as ``Event``s (``claim`` / ``accept`` / ``release`` / ``record``), and it counts what it sees after
+the ledger has committed it. Two collectors read live state at scrape time: the circuit breakers
+(``Gateway.breaker_states``) and the certificates' remaining lifetime (``gateway.security.expiry``).
+
+Every gateway owns its own ``CollectorRegistry`` (tests run many gateways in one process). Names
+follow Prometheus conventions: ``nsw_`` prefix, seconds, ``_total`` counters, and labels drawn from
+bounded sets only (destinations, codes, registered parties) -- never a message id.
+
+Exported (per process; Prometheus sums ingress and worker processes)::
+
+    nsw_messages_received_total                       every submission the ingress answered
+    nsw_messages_accepted_total                       202 with a new receipt
+    nsw_messages_rejected_total{code}                 signed rejections, by error code (as answered)
+    nsw_receipts_replayed_total                       identical resubmissions answered with the first receipt
+    nsw_deliveries_queued_total{destination}
+    nsw_delivery_attempts_total{destination}          broker-level attempts (DELIVERING)
+    nsw_messages_delivered_total{destination}
+    nsw_delivery_retries_total{destination,code}      broker-level retries (RETRY_WAIT)
+    nsw_dead_letters_total{destination,code}
+    nsw_dead_letters_replayed_total{destination}
+    nsw_deliveries_in_flight{destination}             attempts started and not yet settled
+    nsw_delivery_duration_seconds{destination}        histogram: DELIVERING -> DELIVERED of one attempt
+    nsw_signature_failures_total{party,code}          SIGNATURE_* / CERT_* rejections by claimed sender
+    nsw_circuit_breaker_state{destination,state}      1 for the breaker's current state, else 0
+    nsw_certificate_expiry_seconds{party,kind,subject,fingerprint}   seconds until notAfter (< 0: expired)
+    nsw_routing_reloads_total{outcome}                ok | error
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from gateway.access import metrics_allowed
+from gateway.audit import AuditRecord, AuditReport
+from gateway.errors import BrokerUnavailable, ErrorCode
+from gateway.events import Event
+from gateway.model import State
+from gateway.retry import BreakerState
+from gateway.status import MessageStatus
+from gateway.stores.base import Claim, ClaimKind, Ledger
+
+log = structlog.get_logger("nsw.metrics")
+
+SIGNATURE_CODES: Final = frozenset(
+    {
+        ErrorCode.SIGNATURE_MISSING.value,
+        ErrorCode.SIGNATURE_INVALID.value,
+        ErrorCode.CERT_UNTRUSTED.value,
+        ErrorCode.CERT_EXPIRED.value,
+        ErrorCode.CERT_REVOKED.value,
+    }
+)
+UNKNOWN_PARTY: Final = "unknown"
+LATENCY_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+# The pipeline's rejection detail ends with "(sender <identity>, verified|unverified)" (gateway/pipeline.py,
+# _rejection_detail). A failed signature leaves Event.party empty, so the claimed sender is read from there.
+_CLAIMED_SENDER = re.compile(r"\(sender (\S+), (?:un)?verified\)\Z")
+
+
+class GatewayMetrics:
+    """The metric objects of one gateway, in its own registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.received = Counter("nsw_messages_received", "Submissions the ingress answered", registry=r)
+        self.accepted = Counter("nsw_messages_accepted", "Messages accepted with a new signed receipt", registry=r)
+        self.rejected = Counter("nsw_messages_rejected", "Signed rejections, by error code", ["code"], registry=r)
+        self.replayed_receipts = Counter(
+            "nsw_receipts_replayed", "Identical resubmissions answered with the original receipt", registry=r
+        )
+        self.queued = Counter("nsw_deliveries_queued", "Copies enqueued, per destination", ["destination"], registry=r)
+        self.attempts = Counter(
+            "nsw_delivery_attempts", "Broker-level delivery attempts started", ["destination"], registry=r
+        )
+        self.delivered = Counter("nsw_messages_delivered", "Deliveries completed", ["destination"], registry=r)
+        self.retries = Counter(
+            "nsw_delivery_retries", "Broker-level retries scheduled", ["destination", "code"], registry=r
+        )
+        self.dead = Counter("nsw_dead_letters", "Deliveries dead-lettered", ["destination", "code"], registry=r)
+        self.replayed_dead = Counter(
+            "nsw_dead_letters_replayed", "Dead letters replayed by an operator", ["destination"], registry=r
+        )
+        self.in_flight = Gauge(
+            "nsw_deliveries_in_flight", "Delivery attempts started and not yet settled", ["destination"], registry=r
+        )
+        self.latency = Histogram(
+            "nsw_delivery_duration_seconds",
+            "Time from the start of a delivery attempt to its success",
+            ["destination"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.signature_failures = Counter(
+            "nsw_signature_failures",
+            "Rejections for a missing, invalid or untrusted signature, by claimed sender (registered parties only)",
+            ["party", "code"],
+            registry=r,
+        )
+        self.reloads = Counter("nsw_routing_reloads", "Routing rule reloads", ["outcome"], registry=r)
+        for code in ErrorCode:
+            self.rejected.labels(code=code.value)  # every code is a series from the start, at 0
+        for outcome in ("ok", "error"):
+            self.reloads.labels(outcome=outcome)
+
+    def add_collector(self, collector: Collector) -> None:
+        self.registry.register(collector)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class EventCounter:
+    """Turns committed events into metric updates.
+
+    In flight and latency are keyed by (message, destination): a redelivered attempt replaces its own
+    entry instead of counting twice, and RETRY_WAIT / DELIVERED / DEAD end it.
+    """
+
+    def __init__(self, metrics: GatewayMetrics, *, is_party: Callable[[str], bool] = lambda _: False) -> None:
+        self.metrics = metrics
+        self._is_party = is_party
+        self._started: dict[tuple[str, str], float] = {}
+
+    def count(self, events: Iterable[Event]) -> None:
+        try:
+            for event in events:
+                self._count(event)
+        except Exception:  # metrics are optional: never fail the caller's committed work
+            log.exception("metrics.count_failed")
+
+    def rejected(self, event: Event, code: str) -> None:
+        m = self.metrics
+        m.received.inc()
+        m.rejected.labels(code=code).inc()
+        if code in SIGNATURE_CODES:
+            m.signature_failures.labels(party=self._claimed_party(event), code=code).inc()
+
+    def _count(self, event: Event) -> None:
+        m = self.metrics
+        dest = event.destination or ""
+        match event.state:
+            case State.ACCEPTED:
+                m.received.inc()
+                m.accepted.inc()
+            case State.QUEUED:
+                m.queued.labels(destination=dest).inc()
+            case State.DELIVERING:
+                m.attempts.labels(destination=dest).inc()
+                key = (event.message_id, dest)
+                if key not in self._started:
+                    m.in_flight.labels(destination=dest).inc()
+                self._started[key] = event.at
+            case State.RETRY_WAIT:
+                self._settle(event)
+                m.retries.labels(destination=dest, code=event.code or "").inc()
+            case State.DELIVERED:
+                started = self._settle(event)
+                m.delivered.labels(destination=dest).inc()
+                if started is not None:
+                    m.latency.labels(destination=dest).observe(max(0.0, event.at - started))
+            case State.DEAD:
+                self._settle(event)
+                m.dead.labels(destination=dest, code=event.code or "").inc()
+            case State.REPLAYED:
+                m.replayed_dead.labels(destination=dest).inc()
+            case _:  # RECEIVED is counted by its outcome; REJECTED by ``rejected``
+                pass
+
+    def _settle(self, event: Event) -> float | None:
+        dest = event.destination or ""
+        started = self._started.pop((event.message_id, dest), None)
+        if started is not None:
+            self.metrics.in_flight.labels(destination=dest).dec()
+        return started
+
+    def _claimed_party(self, event: Event) -> str:
+        claimed = event.party
+        if claimed is None:
+            match = _CLAIMED_SENDER.search(event.detail)
+            claimed = match.group(1) if match else None
+        # Only registered identities become label values: a forger could otherwise mint series at will.
+        return claimed if claimed is not None and self._is_party(claimed) else UNKNOWN_PARTY
+
+
+class MetricsLedger:
+    """A ``Ledger`` that counts the events it carries. Everything else is delegated unchanged."""
+
+    def __init__(self, inner: Ledger, counter: EventCounter) -> None:
+        self.inner = inner
+        self.counter = counter
+
+    async def open(self) -> None:
+        await self.inner.open()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    async def ready(self) -> bool:
+        return await self.inner.ready()
+
+    async def claim(
+        self, message_id: str, sender: str, digest: str, document_type: str, events: Sequence[Event]
+    ) -> Claim:
+        claim = await self.inner.claim(message_id, sender, digest, document_type, events)
+        if claim.kind is ClaimKind.REPLAY:
+            self.counter.metrics.received.inc()
+            self.counter.metrics.replayed_receipts.inc()
+        return claim
+
+    async def accept(
+        self, message_id: str, receipt: bytes, destinations: Sequence[str], events: Sequence[Event]
+    ) -> None:
+        await self.inner.accept(message_id, receipt, destinations, events)
+        self.counter.count(events)
+
+    async def release(self, message_id: str, events: Sequence[Event]) -> None:
+        # The REJECTED(UNAVAILABLE) recorded here is followed by the ingress's own rejection (through
+        # ``record``), which is the one answered and counted.
+        await self.inner.release(message_id, events)
+
+    async def record(self, events: Sequence[Event]) -> None:
+        rejections = [e for e in events if e.state is State.REJECTED]
+        try:
+            await self.inner.record(events)
+        except BrokerUnavailable:
+            # The ingress still answers a rejection it could not audit -- as UNAVAILABLE (gateway/pipeline.py).
+            for event in rejections:
+                self.counter.rejected(event, ErrorCode.UNAVAILABLE.value)
+            raise
+        for event in rejections:
+            self.counter.rejected(event, event.code or "")
+        self.counter.count(e for e in events if e.state is not State.REJECTED)
+
+    async def status(self, message_id: str) -> MessageStatus | None:
+        return await self.inner.status(message_id)
+
+    async def audit_tail(self, after_seq: int = 0, limit: int = 1000) -> list[AuditRecord]:
+        return await self.inner.audit_tail(after_seq, limit)
+
+    async def trace(self, message_id: str) -> list[AuditRecord]:
+        return await self.inner.trace(message_id)
+
+    async def verify_audit(self) -> AuditReport:
+        return await self.inner.verify_audit()
+
+    def __getattr__(self, name: str) -> Any:  # backend specifics (path, name, ...) stay reachable
+        return getattr(self.inner, name)
+
+
+class BreakerCollector(Collector):
+    """``nsw_circuit_breaker_state``: read from the workers at scrape time (empty without a worker)."""
+
+    def __init__(self, states: Callable[[], Mapping[str, str]]) -> None:
+        self._states = states
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily(
+            "nsw_circuit_breaker_state",
+            "Circuit breaker per destination: 1 for the current state (closed, open, half_open), else 0",
+            labels=["destination", "state"],
+        )
+        for destination, current in sorted(self._states().items()):
+            for state in BreakerState:
+                family.add_metric([destination, state.value], 1.0 if state.value == current else 0.0)
+        yield family
+
+
+class CertificateExpiryCollector(Collector):
+    """``nsw_certificate_expiry_seconds``: remaining lifetime of every certificate the gateway relies on."""
+
+    def __init__(
+        self, certificates: Callable[[], Iterable[Any]], *, clock: Callable[[], datetime] | None = None
+    ) -> None:
+        self._certificates = certificates  # -> gateway.security.expiry.CertificateInfo
+        self._clock = clock or (lambda: datetime.now(UTC))
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily(
+            "nsw_certificate_expiry_seconds",
+            "Seconds until the certificate's notAfter (negative once expired)",
+            labels=["party", "kind", "subject", "fingerprint"],
+        )
+        now = self._clock()
+        try:
+            certificates = list(self._certificates())
+        except Exception:  # a scrape must not fail because a certificate file is unreadable
+            log.exception("metrics.certificates_unreadable")
+            certificates = []
+        for cert in certificates:
+            family.add_metric(
+                [cert.party, cert.kind, cert.subject, cert.fingerprint], (cert.not_after - now).total_seconds()
+            )
+        yield family
+
+
+def metrics_response(metrics: GatewayMetrics) -> web.Response:
+    response = web.Response(body=metrics.exposition())
+    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return response
+
+
+def metrics_app(metrics: GatewayMetrics, operator_token: str | None) -> web.Application:
+    """A bare app serving ``/metrics`` (and ``/livez``), for processes without the ingress (``nswgw worker``).
+
+    Like the ingress's ``/metrics``: open when no operator token is configured, else operators only.
+    """
+    token = operator_token.encode() if operator_token else None
+
+    async def scrape(request: web.Request) -> web.Response:
+        if not metrics_allowed(request, token):
+            return web.json_response({"error": "operator token required"}, status=401)
+        return metrics_response(metrics)
+
+    async def livez(_request: web.Request) -> web.Response:
+        return web.json_response({"status": "alive"})
+
+    app = web.Application()
+    app.router.add_get("/metrics", scrape)
+    app.router.add_get("/livez", livez)
+    return app
+
+
+async def start_metrics_server(
+    metrics: GatewayMetrics, operator_token: str | None, host: str, port: int
+) -> web.AppRunner:
+    """Serve ``metrics_app`` on ``host:port``; the caller cleans the runner up."""
+    runner = web.AppRunner(metrics_app(metrics, operator_token), access_log=None, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner
