@@ -1,0 +1,26 @@
+"""Operator-facing fixtures (helpers live in helpers.py)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
+
+import pytest
+
+from tests.operator.helpers import Agency
+
+
+@pytest.fixture
+async def agencies() -> AsyncIterator[Callable[..., Any]]:
+    started: list[Agency] = []
+
+    async def start(answers: Iterable[int] = (), default: int = 200) -> Agency:
+        agency = await Agency(answers, default).start()
+        started.append(agency)
+        return agency
+
+    try:
+        yield start
+    finally:
+        for agency in started:
+            await agency.stop()
