@@ -307,10 +307,12 @@ def cmd_audit_trace(args: argparse.Namespace) -> int:
 
 
 async def _with_broker(settings: Settings, action: Callable[[Any], Awaitable[int]]) -> int:
-    from gateway.runtime import broker_for
+    from gateway.runtime import broker_for, load_routing
 
     broker = broker_for(settings)
     await broker.start()
+    # RabbitMQ cannot list queues: declaring the configured destinations makes their dead queues known.
+    await broker.declare(list(load_routing(settings).destinations))
     try:
         return await action(broker)
     finally:
@@ -338,35 +340,17 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     settings = _settings(args)
 
     async def action(broker: Any) -> int:
-        from gateway.events import Event
-        from gateway.model import State
+        from gateway.dlq import replay_dead_letters
 
         if args.dlq_command == "replay":
             if args.id is None and args.destination is None and not args.all:
                 print("replay needs --id, --destination or --all", file=sys.stderr)
                 return EXIT_USAGE
-            records = await broker.list_dead(args.destination)
-            chosen = [r for r in records if args.id is None or r.delivery.message_id == args.id]
-            moved = await broker.replay_dead(args.destination, args.id)
 
-            async def audit(ledger: Any) -> int:
-                await ledger.record(
-                    [
-                        Event(
-                            State.REPLAYED,
-                            r.delivery.message_id,
-                            r.delivery.destination,
-                            party=r.delivery.sender,
-                            document_type=r.delivery.document_type,
-                            digest=r.delivery.digest,
-                            detail=f"operator replay of dead letter ({r.code})",
-                        )
-                        for r in chosen
-                    ]
-                )
-                return EXIT_OK
+            async def replay(ledger: Any) -> int:
+                return await replay_dead_letters(broker, ledger, destination=args.destination, message_id=args.id)
 
-            await _with_ledger(settings, audit)
+            moved = await _with_ledger(settings, replay)
             print(f"replayed {moved} dead letter(s)")
             return EXIT_OK if moved else EXIT_REJECTED
         records = await broker.list_dead(args.destination)

@@ -28,6 +28,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
     amqp_url: str | None = None  # RabbitMQ when set, else the embedded broker
+    queue_prefix: str = "nsw"  # RabbitMQ queue names: <prefix>.work.<destination>, .retry., .dead.
     database_url: str | None = None  # PostgreSQL DSN when set, else SQLite in data_dir
     routing_file: Path | None = None  # None = routing/default.yaml
     registry_file: Path | None = None  # None = schemas/registry.yaml

@@ -47,7 +47,9 @@ log = structlog.get_logger("nsw.runtime")
 def broker_for(settings: Settings) -> Broker:
     """The configured backend with its own options (retry tiers are queues in RabbitMQ; leases in SQLite)."""
     if settings.amqp_url:
-        return make_broker(settings.amqp_url, settings.data_dir, retry_tiers=settings.retry_tiers)
+        return make_broker(
+            settings.amqp_url, settings.data_dir, retry_tiers=settings.retry_tiers, queue_prefix=settings.queue_prefix
+        )
     return make_broker(
         None, settings.data_dir, lease_seconds=settings.lease_seconds, synchronous=settings.sqlite_synchronous
     )

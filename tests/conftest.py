@@ -17,7 +17,11 @@ from aiohttp.test_utils import TestClient, TestServer
 from lxml import etree
 
 from gateway.config import Settings
+from gateway.ingress import create_app
 from gateway.model import Delivery
+from gateway.runtime import Gateway
+from gateway.samples import SAMPLE_SENDERS, sample_envelope
+from gateway.security.pki import init_dev_pki
 from gateway.security.sign import Signer, to_bytes
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -33,6 +37,12 @@ def service_reachable(host: str, port: int, timeout: float = 1.0) -> bool:
         return False
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def require_service(name: str, host: str, port: int) -> None:
     """Skip loudly when a real service is missing locally; fail under CI=true (never hide it there)."""
     if service_reachable(host, port):
@@ -45,8 +55,6 @@ def require_service(name: str, host: str, port: int) -> None:
 
 @pytest.fixture(scope="session")
 def pki_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from gateway.security.pki import init_dev_pki
-
     out = tmp_path_factory.mktemp("pki") / "certs"
     init_dev_pki(out)
     return out
@@ -68,8 +76,6 @@ def signers(pki_dir: Path) -> Callable[..., Signer]:
 
 
 def envelope(document_type: str, **overrides: Any) -> etree._Element:
-    from gateway.samples import sample_envelope
-
     overrides.setdefault("message_id", str(uuid.uuid4()))
     overrides.setdefault("send_date", datetime.now(UTC))
     return sample_envelope(document_type, **overrides)
@@ -77,8 +83,6 @@ def envelope(document_type: str, **overrides: Any) -> etree._Element:
 
 @pytest.fixture
 def signed(signers: Callable[..., Signer]) -> Callable[..., bytes]:
-    from gateway.samples import SAMPLE_SENDERS
-
     def make(
         document_type: str,
         *,
@@ -134,9 +138,6 @@ def gateway_settings(pki_dir: Path, data_dir: Path, **overrides: Any) -> Setting
 
 @pytest.fixture
 async def make_gateway(pki_dir: Path, tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
-    from gateway.ingress import create_app
-    from gateway.runtime import Gateway
-
     opened: list[tuple[Any, TestClient]] = []
 
     async def start(**overrides: Any) -> RunningGateway:

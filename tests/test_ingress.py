@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from lxml import etree
 from signxml import XMLSigner
@@ -26,6 +27,7 @@ from gateway.security.parse import parse_message
 from gateway.security.sign import EXC_C14N, Signer, to_bytes
 from gateway.security.trust import TrustStore
 from gateway.security.verify import Verifier
+from routing.engine import RoutingTable
 from tests.conftest import RunningGateway, envelope
 
 HOSTILE = Path(__file__).parent / "security" / "hostile"
@@ -43,8 +45,6 @@ def check_answer(body: bytes, pki_dir: Path) -> etree._Element:
 
 
 def _pem_fingerprints(pem: bytes) -> set[str]:
-    from cryptography import x509
-
     return {c.fingerprint(hashes.SHA256()).hex() for c in x509.load_pem_x509_certificates(pem)}
 
 
@@ -89,7 +89,8 @@ async def test_every_shipped_type_is_accepted_with_a_signed_receipt(
     assert sorted(d.destination for d in published) == sorted(destinations)
     assert all(d.payload == body and d.message_id == message_id for d in published)
     status = await running.gateway.ledger.status(message_id)
-    assert status is not None and status.state == "ACCEPTED"
+    assert status is not None
+    assert status.state == "ACCEPTED"
     assert set(status.destinations) == set(destinations)
 
 
@@ -116,7 +117,8 @@ async def test_legacy_sha1_accepted_from_a_party_allowed_it_and_audited(
     message_id = response.headers["X-NSW-Message-Id"]
     trail = await running.gateway.ledger.trace(message_id)
     received = [r for r in trail if r.event == "RECEIVED"]
-    assert received and received[0].code == "LEGACY_SHA1"
+    assert received
+    assert received[0].code == "LEGACY_SHA1"
 
 
 async def test_issuer_body_signature_is_verified_and_recorded(
@@ -344,8 +346,6 @@ async def test_schema_invalid_body_names_the_place(
 
 
 async def test_no_route(make_gateway: Callable[..., Any], signed: Callable[..., bytes], pki_dir: Path) -> None:
-    from routing.engine import RoutingTable
-
     only_customs = RoutingTable.from_mapping(
         {
             "version": 1,

@@ -476,9 +476,14 @@ class RabbitMQSubscription:
         self._stopping = True
         # Both RPCs wait for the connection during an outage: bound them. If the cancel does not get
         # through, closing the channel (or the connection dying) ends the consumer all the same.
-        if self._queue is not None and self._tag is not None:
+        connection = self._broker._connection
+        connected = connection is not None and connection.connected.is_set()
+        # While disconnected there is no consumer on the server to cancel: the channel died with it.
+        if connected and self._queue is not None and self._tag is not None:
             try:
-                await self._queue.cancel(self._tag, timeout=self._broker.publish_timeout)
+                # aio-pika's own timeout covers the RPC only, not the wait for a reconnecting channel.
+                async with asyncio.timeout(self._broker.publish_timeout):
+                    await self._queue.cancel(self._tag, timeout=self._broker.publish_timeout)
             except _FAILURES as exc:
                 log.warning("broker.cancel_failed", destination=self.destination, error=repr(exc))
         await asyncio.gather(*self._in_flight, return_exceptions=True)

@@ -1,0 +1,223 @@
+"""``nswgw demo``: the whole path on loopback with the embedded default — nothing to install.
+
+It makes a throw-away dev PKI, starts loopback mock agencies (one is down for its first attempts,
+one refuses permanently), the ingress and the workers in this process, signs and sends one message
+of every shipped type (plus a forged one), and prints receipts, rejections, deliveries, retries and
+the dead letter, then replays that dead letter to the fixed agency and checks the audit chain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import tempfile
+import time
+import uuid
+from collections import Counter, defaultdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from aiohttp import ClientSession, web
+
+from gateway.config import Settings
+from gateway.crossborder_demo import run_cross_border_demo
+from gateway.dlq import replay_dead_letters
+from gateway.envelope import NSMAP
+from gateway.ingress import create_app
+from gateway.model import State
+from gateway.runtime import Gateway, load_routing
+from gateway.samples import SAMPLE_SENDERS, sample_envelope
+from gateway.security.parse import parse_untrusted
+from gateway.security.pki import init_dev_pki
+from gateway.security.sign import Signer, to_bytes
+
+FLAKY = "customs"  # answers 503 to its first attempts
+REFUSING = "trader-portal"  # answers 400 until "fixed"
+FLAKY_FAILURES = 3
+FAST_RETRY = {
+    "retry": {
+        "in_process_attempts": 2,
+        "in_process_wait": 0.05,
+        "tiers": [0.3, 0.6, 1.2],
+        "max_attempts": 6,
+        "max_age": 120,
+    },
+    "breaker": {"failure_threshold": 10, "reset_after": 1},
+}
+RECEIPT = "{urn:nsw:receipt:1}"
+
+
+@dataclasses.dataclass
+class MockAgencies:
+    """One loopback HTTP server; each destination is a path. Records every request it answers."""
+
+    failures_left: dict[str, int] = dataclasses.field(default_factory=lambda: {FLAKY: FLAKY_FAILURES})
+    refusing: set[str] = dataclasses.field(default_factory=lambda: {REFUSING})
+    received: dict[str, list[str]] = dataclasses.field(default_factory=lambda: defaultdict(list))
+    runner: web.AppRunner | None = None
+    port: int = 0
+
+    async def handle(self, request: web.Request) -> web.Response:
+        agency = request.match_info["agency"]
+        key = request.headers.get("Idempotency-Key", "")
+        await request.read()
+        if self.failures_left.get(agency, 0) > 0:
+            self.failures_left[agency] -= 1
+            return web.Response(status=503, text="agency system under maintenance")
+        if agency in self.refusing:
+            return web.Response(status=400, text="unknown licensee reference (agency-side validation)")
+        self.received[agency].append(key)
+        return web.Response(status=200, text=f"{agency} took {key}")
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/{agency}/inbox", self.handle)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+
+def _say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def _message(pki: Path, document_type: str) -> bytes:
+    sender, _recipient, _function = SAMPLE_SENDERS[document_type]
+    root = sample_envelope(document_type, message_id=str(uuid.uuid4()), send_date=datetime.now(UTC))
+    party = pki / "parties" / sender
+    signer = Signer.from_files(party / "key.pem", party / "cert.pem")
+    if document_type == "eco.atiga-form-d":  # the issuing ministry signs the certificate itself
+        root = signer.sign_content(root)
+    return to_bytes(signer.sign_envelope(root))
+
+
+def _answer_summary(body: bytes) -> str:
+    root = parse_untrusted(body)
+    content = root.find("e:Body/e:Content/*", NSMAP)
+    if content is None:
+        return "?"
+    if content.tag == f"{RECEIPT}Receipt":
+        dests = [d.text or "" for d in content.iterfind(f"{RECEIPT}destinations/{RECEIPT}destination")]
+        return f"receipt (function 99, signed by VN-NSW) -> {', '.join(dests)}"
+    code = content.findtext(f"{RECEIPT}code")
+    return f"rejection {code}: {content.findtext(f'{RECEIPT}detail')}"
+
+
+async def _wait_settled(gw: Gateway, message_ids: list[str], within: float) -> dict[str, Any]:
+    """Statuses once every destination is DELIVERED or DEAD, or as they are after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        statuses = {mid: await gw.ledger.status(mid) for mid in message_ids}
+        pending = [
+            mid
+            for mid, st in statuses.items()
+            if st is None or any(d.state not in (State.DELIVERED, State.DEAD) for d in st.destinations.values())
+        ]
+        if not pending or time.monotonic() > deadline:
+            return statuses
+        await asyncio.sleep(0.2)
+
+
+async def run_demo(workdir: Path | None = None, cross_border: bool = False) -> int:
+    if cross_border:
+        return await run_cross_border_demo(workdir)
+    with tempfile.TemporaryDirectory(prefix="nswgw-demo-") as tmp:
+        return await _demo(workdir or Path(tmp))
+
+
+async def _demo(base: Path) -> int:
+    _say(f"== NSW gateway demo (files in {base})")
+    pki = base / "certs"
+    init_dev_pki(pki, force=True)
+    _say("dev PKI made: root + intermediate CA, gateway (ECDSA P-256) and party certificates (RSA-2048)")
+    agencies = MockAgencies()
+    await agencies.start()
+    routing = load_routing(Settings())
+    overrides = {
+        name: {
+            **FAST_RETRY,
+            **(
+                {"url": f"http://127.0.0.1:{agencies.port}/{name}/inbox"}
+                if d.adapter == "http"
+                else {"directory": str(base / "archive")}
+            ),
+        }
+        for name, d in routing.destinations.items()
+    }
+    routing = routing.with_destination_overrides(overrides)
+    settings = Settings(certs_dir=pki, data_dir=base / "var", lease_seconds=10.0)
+    gw = await Gateway.open(settings, routing=routing)
+    await gw.start_worker()
+    runner = web.AppRunner(create_app(gw), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1/messages"  # type: ignore[union-attr]
+    _say(f"ingress on {url}; embedded broker and ledger in {settings.data_dir}; agencies on port {agencies.port}")
+    _say(f"agency '{FLAKY}' fails its first {FLAKY_FAILURES} attempts; agency '{REFUSING}' refuses permanently")
+    try:
+        return await _exchange(gw, agencies, pki, url)
+    finally:
+        await runner.cleanup()
+        await gw.close()
+        await agencies.stop()
+
+
+async def _exchange(gw: Gateway, agencies: MockAgencies, pki: Path, url: str) -> int:
+    accepted: list[str] = []
+    _say("\n== sending one signed message of every shipped type")
+    async with ClientSession() as http:
+        for document_type in sorted(SAMPLE_SENDERS):
+            body = _message(pki, document_type)
+            async with http.post(url, data=body, headers={"Content-Type": "application/xml"}) as response:
+                answer = await response.read()
+                mid = response.headers.get("X-NSW-Message-Id", "")
+                _say(f"  {document_type:22} HTTP {response.status}  {_answer_summary(answer)}")
+                if response.status == 202:
+                    accepted.append(mid)
+        forged = _message(pki, "licence.import").replace(b"<hsCode>", b"<hsCode>9", 1)
+        async with http.post(url, data=forged, headers={"Content-Type": "application/xml"}) as response:
+            _say(f"  {'(tampered licence)':22} HTTP {response.status}  {_answer_summary(await response.read())}")
+
+    _say("\n== delivering (watch the retries and the dead letter)")
+    statuses = await _wait_settled(gw, accepted, within=60)
+    outcome: Counter[str] = Counter()
+    for mid in accepted:
+        for event in await gw.ledger.trace(mid):
+            if event.destination and event.event in {"RETRY_WAIT", "DELIVERED", "DEAD"}:
+                extra = f" ({event.code}: {event.detail})" if event.code else ""
+                _say(f"  {mid[:8]} -> {event.destination:14} {event.event:10} attempt {event.attempt}{extra}")
+                outcome[event.event] += 1
+    dead = await gw.broker.list_dead()
+    _say(f"\n== dead letters: {len(dead)}")
+    for record in dead:
+        _say(f"  {record.delivery.message_id[:8]} -> {record.delivery.destination}: {record.code} {record.reason}")
+
+    if dead:
+        _say(f"\n== the agency '{REFUSING}' is fixed; operator runs: nswgw dlq replay --destination {REFUSING}")
+        agencies.refusing.clear()
+        moved = await replay_dead_letters(gw.broker, gw.ledger, destination=REFUSING)
+        statuses = await _wait_settled(gw, accepted, within=30)
+        _say(f"  replayed {moved}; agency now holds {len(agencies.received[REFUSING])} message(s)")
+
+    delivered = sum(1 for st in statuses.values() if st for d in st.destinations.values() if d.state == State.DELIVERED)
+    total = sum(len(st.destinations) for st in statuses.values() if st)
+    keys = [k for ks in agencies.received.values() for k in ks]
+    report = await gw.ledger.verify_audit()
+    _say("\n== summary")
+    _say(
+        f"  accepted {len(accepted)} messages -> {total} deliveries; delivered {delivered}; "
+        f"retries {outcome['RETRY_WAIT']}; dead letters before replay {outcome['DEAD']}"
+    )
+    _say(f"  agencies received {len(keys)} requests with {len(set(keys))} distinct Idempotency-Keys")
+    _say(f"  audit chain: {'intact' if report.ok else 'BROKEN'} ({report.count} records)")
+    ok = report.ok and delivered == total and total > 0
+    _say("demo " + ("completed" if ok else "FAILED"))
+    return 0 if ok else 1
