@@ -25,6 +25,7 @@ from gateway.crossborder_demo import run_cross_border_demo
 from gateway.dlq import replay_dead_letters
 from gateway.envelope import NSMAP
 from gateway.ingress import create_app
+from gateway.logs import configure_logging
 from gateway.model import State
 from gateway.runtime import Gateway, load_routing
 from gateway.samples import SAMPLE_SENDERS, sample_envelope
@@ -134,6 +135,10 @@ async def run_demo(workdir: Path | None = None, cross_border: bool = False) -> i
 
 async def _demo(base: Path) -> int:
     _say(f"== NSW gateway demo (files in {base})")
+    log_file = base / "gateway.log"
+    configure_logging("json", "info", stream=log_file.open("a"))  # the console is for the story
+    _say(f"gateway logs (JSON lines) in {log_file}")
+    (base / "archive").mkdir(parents=True, exist_ok=True)  # the drop folder an archive system polls
     pki = base / "certs"
     init_dev_pki(pki, force=True)
     _say("dev PKI made: root + intermediate CA, gateway (ECDSA P-256) and party certificates (RSA-2048)")
