@@ -204,6 +204,15 @@ def peer_country_rules(country: str, issuer: str) -> dict[str, Any]:
                 "to": ["customs", "archive"],
             },
             {
+                "name": "ephyto-from-asw-peer-to-customs",
+                "when": {
+                    "documentType": "sps.ephyto",
+                    "function": ["01", "02", "03", "04"],
+                    "fromCountry": {"not_in": [country]},
+                },
+                "to": ["customs", "archive"],
+            },
+            {
                 "name": "eco-issued-to-importing-country",
                 "when": {
                     "documentType": ECO,

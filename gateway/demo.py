@@ -21,22 +21,32 @@ from typing import Any
 from aiohttp import ClientSession, web
 
 from gateway.config import Settings
-from gateway.crossborder_demo import run_cross_border_demo
+from gateway.crossborder_demo import (
+    Agencies,
+    Node,
+    home_routing,
+    ingress_url,
+    loopback_socket,
+    open_node,
+    peer_routing,
+    run_cross_border_demo,
+    server_tls,
+)
 from gateway.dlq import replay_dead_letters
 from gateway.envelope import NSMAP
 from gateway.ingress import create_app
 from gateway.logs import configure_logging
 from gateway.model import State
-from gateway.runtime import Gateway, load_routing
+from gateway.runtime import Gateway
 from gateway.samples import SAMPLE_SENDERS, sample_envelope
 from gateway.security.parse import parse_untrusted
-from gateway.security.pki import init_dev_pki
+from gateway.security.pki import init_dev_pki_pair
 from gateway.security.sign import Signer, to_bytes
 
 FLAKY = "customs"  # answers 503 to its first attempts
 REFUSING = "trader-portal"  # answers 400 until "fixed"
 FLAKY_FAILURES = 3
-FAST_RETRY = {
+FAST_RETRY: dict[str, Any] = {
     "retry": {
         "in_process_attempts": 2,
         "in_process_wait": 0.05,
@@ -135,44 +145,49 @@ async def run_demo(workdir: Path | None = None, cross_border: bool = False) -> i
 
 async def _demo(base: Path) -> int:
     _say(f"== NSW gateway demo (files in {base})")
+    base.mkdir(parents=True, exist_ok=True)
     log_file = base / "gateway.log"
     configure_logging("json", "info", stream=log_file.open("a"))  # the console is for the story
     _say(f"gateway logs (JSON lines) in {log_file}")
-    (base / "archive").mkdir(parents=True, exist_ok=True)  # the drop folder an archive system polls
-    pki = base / "certs"
-    init_dev_pki(pki, force=True)
-    _say("dev PKI made: root + intermediate CA, gateway (ECDSA P-256) and party certificates (RSA-2048)")
-    agencies = MockAgencies()
+    th_sock = loopback_socket()
+    pair = init_dev_pki_pair(base / "certs", peer_url=ingress_url(th_sock), force=True)
+    pki = pair.home.dir
+    _say("dev PKIs made: VN root + intermediate, gateway (ECDSA P-256), parties (RSA-2048); TH's own root")
+    agencies, th_agencies = MockAgencies(), await Agencies().start()
     await agencies.start()
-    routing = load_routing(Settings())
-    overrides = {
-        name: {
-            **FAST_RETRY,
-            **(
-                {"url": f"http://127.0.0.1:{agencies.port}/{name}/inbox"}
-                if d.adapter == "http"
-                else {"directory": str(base / "archive")}
-            ),
-        }
-        for name, d in routing.destinations.items()
-    }
-    routing = routing.with_destination_overrides(overrides)
-    settings = Settings(certs_dir=pki, data_dir=base / "var", lease_seconds=10.0)
-    gw = await Gateway.open(settings, routing=routing)
-    await gw.start_worker()
-    runner = web.AppRunner(create_app(gw), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1/messages"  # type: ignore[union-attr]
-    _say(f"ingress on {url}; embedded broker and ledger in {settings.data_dir}; agencies on port {agencies.port}")
-    _say(f"agency '{FLAKY}' fails its first {FLAKY_FAILURES} attempts; agency '{REFUSING}' refuses permanently")
+    nodes: list[Node] = []
+    runner: web.AppRunner | None = None
     try:
+        # Thailand's NSW: a second real gateway, so e-C/O and ePhyto legs to asw:TH get a signed peer receipt.
+        th_routing = peer_routing("TH", pair.peer_issuer, th_agencies.url, base / "th-archive", policy=FAST_RETRY)
+        nodes.append(
+            await open_node(
+                pair.peer_dir, base / "th-var", identity=pair.peer_identity, routing=th_routing, sock=th_sock
+            )
+        )
+        routing = home_routing(f"http://127.0.0.1:{agencies.port}", base / "archive", policy=FAST_RETRY)
+        settings = Settings(certs_dir=pki, data_dir=base / "var", lease_seconds=10.0)
+        gw = await Gateway.open(settings, routing=routing)
+        nodes.append(Node(gw, loopback_socket(), server_tls(pki)))
+        await gw.start_worker()
+        runner = web.AppRunner(create_app(gw), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1/messages"  # type: ignore[union-attr]
+        _say(
+            f"VN ingress on {url}; embedded broker and ledger in {settings.data_dir}; agencies on port {agencies.port}"
+        )
+        _say(f"TH-NSW peer gateway on {nodes[0].url} (mutual TLS)")
+        _say(f"agency '{FLAKY}' fails its first {FLAKY_FAILURES} attempts; agency '{REFUSING}' refuses permanently")
         return await _exchange(gw, agencies, pki, url)
     finally:
-        await runner.cleanup()
-        await gw.close()
+        if runner is not None:
+            await runner.cleanup()
+        for node in reversed(nodes):
+            await node.close()
         await agencies.stop()
+        await th_agencies.stop()
 
 
 async def _exchange(gw: Gateway, agencies: MockAgencies, pki: Path, url: str) -> int:

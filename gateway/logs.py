@@ -24,5 +24,5 @@ def configure_logging(fmt: str = "json", level: str = "info", *, stream: object 
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(file=stream or sys.stderr),  # type: ignore[arg-type]
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=False,  # a later configure (tests, the demo) must reach every logger
     )

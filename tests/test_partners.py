@@ -77,15 +77,17 @@ def test_may_tables(registry: PartnerRegistry) -> None:
     assert moit is not None
     assert trader is not None
     assert nsw is not None
+    # Party-level tables; which *roles* may send which function is the document-type registry's job
+    # (schemas/registry.yaml), and the ingress applies both (tests/test_ingress.py).
     assert moit.may("eco.atiga-form-d", "01")
-    assert not moit.may("eco.atiga-form-d", "99")
     assert moit.may("licence.import", "27")  # "*": any function the type allows
     assert not moit.may("sps.ephyto", "01")  # type not listed at all
     assert trader.may("licence.import", "01")
-    assert not trader.may("licence.import", "27")  # a trader cannot approve its own licence
+    assert trader.may("eco.atiga-form-d", "02")
+    assert not trader.may("eco.atiga-form-d", "27")  # listed functions only: a trader applies, never approves
+    assert not trader.may("sps.ephyto", "01")
     assert nsw.may("nsw.receipt", "99")
-    assert not nsw.may("nsw.receipt", "01")
-
+    assert not nsw.may("licence.import", "01")
 
 def test_authorities(registry: PartnerRegistry) -> None:
     assert [p.identity for p in registry.authorities_for("eco.atiga-form-d")] == ["VN-MOIT"]
