@@ -139,13 +139,15 @@ async def _wait_settled(gw: Gateway, message_ids: list[str], within: float) -> d
 async def run_demo(workdir: Path | None = None, cross_border: bool = False) -> int:
     if cross_border:
         return await run_cross_border_demo(workdir)
+    if workdir is not None:
+        await asyncio.to_thread(workdir.mkdir, parents=True, exist_ok=True)
+        return await _demo(workdir)
     with tempfile.TemporaryDirectory(prefix="nswgw-demo-") as tmp:
-        return await _demo(workdir or Path(tmp))
+        return await _demo(Path(tmp))
 
 
 async def _demo(base: Path) -> int:
     _say(f"== NSW gateway demo (files in {base})")
-    base.mkdir(parents=True, exist_ok=True)
     log_file = base / "gateway.log"
     configure_logging("json", "info", stream=log_file.open("a"))  # the console is for the story
     _say(f"gateway logs (JSON lines) in {log_file}")

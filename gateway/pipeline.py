@@ -267,6 +267,8 @@ class Pipeline:
 
 def _received_detail(verified: VerifiedMessage) -> str:
     parts = [f"signed with {verified.signature_algorithm}"]
+    if verified.header.pre_reference:
+        parts.append(f"answers {verified.header.pre_reference}")
     if verified.legacy_algorithm:
         parts.append("legacy SHA-1 algorithm accepted under the party's registry allowance")
     body = verified.body_signature

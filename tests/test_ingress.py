@@ -275,6 +275,25 @@ async def test_forged_issuer_signature_on_a_certificate_of_origin(
     await assert_rejected(running, body, "SENDER_MISMATCH", 403, pki_dir)
 
 
+async def test_an_answer_may_carry_the_answering_partys_own_body_signature(
+    running: RunningGateway, signed: Callable[..., bytes]
+) -> None:
+    # Customs accepting an e-C/O (23) signs its answer itself; only issuing functions (01-04) need the
+    # issuing authority's signature.
+    body = signed(
+        "eco.atiga-form-d",
+        sender="VN-CUSTOMS",
+        recipient="VN-MOIT",
+        function="23",
+        pre_reference=str(uuid.uuid4()),
+        body_signer="VN-CUSTOMS",
+    )
+    response = await running.post(body)
+    assert response.status == 202, (await response.read())[:600]
+    trail = await running.gateway.ledger.trace(response.headers["X-NSW-Message-Id"])
+    assert "answers " in trail[0].detail
+
+
 async def test_party_sending_a_function_it_is_not_allowed(
     running: RunningGateway, signed: Callable[..., bytes], pki_dir: Path
 ) -> None:

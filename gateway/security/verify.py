@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
 ENVELOPED_TRANSFORM: Final = "http://www.w3.org/2000/09/xmldsig#enveloped-signature"
 SYSTEM_SIGNATURE_AT: Final = "/Envelope/ds:Signature"
+ISSUING_FUNCTIONS: Final = frozenset({"01", "02", "03", "04"})  # new, amend, cancel, supplement a document
 BODY_SIGNATURE_AT: Final = "/Envelope/Body/ds:Signature"
 
 STRICT: Final = SignatureConfiguration(location="./", expect_references=1)
@@ -190,8 +191,9 @@ class Verifier:
                 ErrorCode.SIGNATURE_INVALID, "the Body signature does not cover Body/Content", BODY_SIGNATURE_AT
             )
         # The issuing authority is of the sending country: a peer NSW forwards certificates its own ministries issued.
-        authorities = self.partners.authorities_for(header.document_type, header.sender.country_code or None)
-        _check_authority(issuer, authorities, header.document_type)
+        if header.function in ISSUING_FUNCTIONS:  # an answer (22/23...) is signed by whoever answers
+            authorities = self.partners.authorities_for(header.document_type, header.sender.country_code or None)
+            _check_authority(issuer, authorities, header.document_type)
         return BodySignature(
             present=True,
             valid=True,
