@@ -1,0 +1,1 @@
+"""Benchmarks: component floors, then the gateway itself (``python -m bench``; see bench/README.md)."""

@@ -1,0 +1,122 @@
+"""``python -m bench [--quick] [--skip-rabbitmq] [--ingress N]``: floors, then the gateway, one table.
+
+Writes bench/results/<UTC timestamp>.json (gitignored). Targets are printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import shutil
+import socket
+import tempfile
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import floors
+from bench import messages as msgs
+from bench.gateway_runs import AMQP_URL, Plan, large, measure
+from bench.procs import Child, child_env, free_port, loadgen
+from bench.report import table
+from gateway.security.pki import init_dev_pki
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def rabbit_up() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 5672), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+async def http_floor(kind: str, pki_dir: Path, work: Path, bodies: list[bytes], duration: float) -> dict[str, Any]:
+    """The no-op aiohttp server, or the naive one-process pipeline, at saturation (separate processes)."""
+    port = free_port()
+    queue = f"nswbench-naive-{uuid.uuid4().hex[:8]}"
+    args = ["-m", "bench.servers", kind, "--port", str(port), "--certs", str(pki_dir), "--queue", queue]
+    if kind == "naive":
+        await floors.declare_quorum(AMQP_URL, queue)
+    server = Child(f"floor-{kind}", args, child_env(), work)
+    try:
+        await asyncio.to_thread(server.wait_port, port)
+        batch = msgs.save(bodies, work / f"{kind}.pickle")
+        result = await loadgen(
+            [f"http://127.0.0.1:{port}/v1/messages"], batch, work / f"{kind}.json", concurrency=64, duration=duration
+        )
+        result.pop("accepted_ids")
+        result["peak_rss_kb"] = server.peak_rss_kb()
+        return result
+    finally:
+        server.kill()
+        if kind == "naive":
+            await floors.declare_quorum(AMQP_URL, queue, delete=True)
+
+
+async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    plan = Plan(duration=2.0 if args.quick else 10.0, ingress_processes=args.ingress)
+    with_rabbit = not args.skip_rabbitmq and rabbit_up()
+    backends = ["rabbitmq", "embedded"] if with_rabbit else ["embedded"]
+    pki_dir = work / "certs"
+    init_dev_pki(pki_dir)
+    out: dict[str, Any] = {
+        "started": datetime.now(UTC).isoformat(),
+        "quick": args.quick,
+        "cpus": os.cpu_count(),
+        "plan": {"duration_s": plan.duration, "offered_rate": plan.offered_rate, "ingress_processes": args.ingress},
+        "backends": backends,
+        "floors": {},
+        "gateway": {},
+        "large": {},
+    }
+    for size in plan.sizes:
+        sample = msgs.signed_messages(pki_dir, size, 300 if args.quick else 1000)
+        floor: dict[str, Any] = floors.verify_and_validate(pki_dir, sample)
+        # the floor servers keep no state, so the same signed bodies can be sent again and again
+        http_bodies = sample * (1 + int(plan.duration * (30000 if size < 50_000 else 5000)) // len(sample))
+        floor["noop_http"] = await http_floor("noop", pki_dir, work, http_bodies, plan.duration)
+        if with_rabbit:
+            floor |= await floors.publish_rates(AMQP_URL, sample[0], 1000 if args.quick else 5000)
+            naive_bodies = http_bodies[: int(plan.duration * plan.cap_per_s[size])]
+            floor["naive_pipeline"] = await http_floor("naive", pki_dir, work, naive_bodies, plan.duration)
+        out["floors"][str(size)] = floor
+        for backend in backends:
+            out["gateway"][f"{backend}/{size}"] = await measure(pki_dir, work, backend, size, plan)
+    if not args.skip_large:
+        for backend in backends:
+            out["large"][backend] = await large(pki_dir, work, backend, plan.large_size)
+    out["bench_peak_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="short phases (the whole run in about a minute)")
+    parser.add_argument("--skip-rabbitmq", action="store_true", help="embedded backend only")
+    parser.add_argument("--skip-large", action="store_true", help="leave out the 20 MB message")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (logs) instead of deleting it")
+    parser.add_argument("--ingress", type=int, default=1, help="N > 1: N `nswgw serve` + one `nswgw worker`")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="nswbench-"))
+    try:
+        result = asyncio.run(run(args, work))
+    finally:
+        if args.keep:
+            print(f"kept {work} (process logs, data folders)")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    print(table(result))
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"\nresults: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""In-process floors: signxml verify (our Verifier), the validation fast path (our Validator), and
+confirmed publishes to a RabbitMQ quorum queue (one by one, and pipelined)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+
+from gateway.config import Settings
+from gateway.model import VerifiedMessage
+from gateway.partners import PartnerRegistry
+from gateway.security.parse import parse_message
+from gateway.security.trust import TrustStore
+from gateway.security.verify import Verifier
+from gateway.validation import DocumentTypeRegistry, Validator
+
+QUORUM = {"x-queue-type": "quorum"}
+
+
+def per_second(action: Callable[[Any], object], items: Sequence[Any]) -> float:
+    started = time.perf_counter()
+    for item in items:
+        action(item)
+    return len(items) / (time.perf_counter() - started)
+
+
+def verify_and_validate(pki_dir: Path, messages: Sequence[bytes]) -> dict[str, float]:
+    settings = Settings(certs_dir=pki_dir)
+    verifier = Verifier(TrustStore.load(settings.trust_dir), PartnerRegistry.load(settings.partners_path))
+    validator = Validator(DocumentTypeRegistry.load())
+    validator.warm_up()
+    parsed = [parse_message(m) for m in messages]
+    verified: list[VerifiedMessage] = [verifier.verify(p) for p in parsed[:1]]  # warm caches
+    verify_rate = per_second(lambda p: verified.append(verifier.verify(p)), parsed)
+    return {
+        "parse_per_s": per_second(parse_message, messages),
+        "verify_per_s": verify_rate,
+        "validate_per_s": per_second(validator.validate, verified[1:]),
+    }
+
+
+async def _publish(amqp_url: str, body: bytes, count: int, window: int) -> float:
+    queue = f"nswbench-{uuid.uuid4().hex[:8]}"
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        await channel.declare_queue(queue, durable=True, arguments=QUORUM)
+        exchange = channel.default_exchange
+        try:
+            started = time.perf_counter()
+            for first in range(0, count, window):
+                batch = range(first, min(count, first + window))
+                await asyncio.gather(
+                    *(
+                        exchange.publish(
+                            aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT), routing_key=queue
+                        )
+                        for _ in batch
+                    )
+                )
+            return count / (time.perf_counter() - started)
+        finally:
+            await channel.queue_delete(queue)
+    finally:
+        await connection.close()
+
+
+async def publish_rates(amqp_url: str, body: bytes, count: int) -> dict[str, float]:
+    return {
+        "publish_one_by_one_per_s": await _publish(amqp_url, body, max(200, count // 5), 1),
+        "publish_pipelined_per_s": await _publish(amqp_url, body, count, 256),
+    }
+
+
+async def declare_quorum(amqp_url: str, queue: str, *, delete: bool = False) -> None:
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        if delete:
+            await channel.queue_delete(queue)
+        else:
+            await channel.declare_queue(queue, durable=True, arguments=QUORUM)
+    finally:
+        await connection.close()

@@ -1,0 +1,181 @@
+"""The gateway itself, as ``nswgw`` subprocesses fed by the separate load generator process.
+
+Per backend and message size: accepted/s at saturation, p50/p99 of the 202 at a fixed offered load,
+delivered/s to a loopback agency, and each gateway process's peak RSS. Then one 20 MB message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import yaml
+
+from bench import messages as msgs
+from bench.agency import CountingAgency
+from bench.procs import Child, child_env, free_port, loadgen
+from gateway.brokers import names
+from gateway.config import Settings
+from gateway.partners import PartnerRegistry
+from gateway.runtime import peer_destinations
+
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+TIERS = (1.0, 5.0)
+DESTINATION = "agency"
+
+
+@dataclass
+class Plan:
+    duration: float  # seconds per load phase
+    offered_rate: float = 500.0
+    sizes: tuple[int, ...] = (5_000, 100_000)
+    large_size: int = 20_000_000
+    ingress_processes: int = 1  # > 1: that many `nswgw serve` plus one `nswgw worker`
+    cap_per_s: dict[int, float] = field(default_factory=lambda: {5_000: 1500.0, 100_000: 300.0})
+
+
+def routing(agency: CountingAgency) -> dict[str, Any]:
+    return {
+        "version": 1,
+        "destinations": {DESTINATION: {"adapter": "http", "url": agency.url, "timeout": 60, "max_in_flight": 64}},
+        "rules": [{"name": "bench", "when": {"documentType": [msgs.DOCUMENT_TYPE]}, "to": [DESTINATION]}],
+    }
+
+
+class Deployment:
+    """One gateway deployment (processes, data folder, queues) for one measurement, torn down after."""
+
+    def __init__(self, pki_dir: Path, work: Path, backend: str, ingress_processes: int, max_body: int) -> None:
+        self.pki_dir, self.backend = pki_dir, backend
+        self.dir = work / f"{backend}-{uuid.uuid4().hex[:6]}"
+        self.dir.mkdir(parents=True)
+        self.prefix = f"nswbench-{uuid.uuid4().hex[:8]}"
+        self.ingress_processes = ingress_processes
+        env = {"NSW_RATE_PER_PARTY": "1000000", "NSW_RATE_BURST": "1000000", "NSW_PREFETCH": "64"}
+        env["NSW_MAX_BODY_BYTES"] = str(max_body)
+        if backend == "rabbitmq":
+            env |= {"NSW_AMQP_URL": AMQP_URL, "NSW_QUEUE_PREFIX": self.prefix}
+            env["NSW_RETRY_TIERS"] = ",".join(map(str, TIERS))
+        self.env = child_env(env)
+        self.children: list[Child] = []
+        self.ports: list[int] = []
+        self.agency = CountingAgency()
+
+    @property
+    def urls(self) -> list[str]:
+        return [f"http://127.0.0.1:{p}/v1/messages" for p in self.ports]
+
+    async def start(self) -> Deployment:
+        await self.agency.start()
+        routing_file = self.dir / "routing.yaml"
+        routing_file.write_text(yaml.safe_dump(routing(self.agency)))
+        common = ["-m", "gateway"]
+        tail = ["--certs", str(self.pki_dir), "--data", str(self.dir / "var"), "--routing", str(routing_file)]
+        split = self.ingress_processes > 1
+        if split:
+            self.children.append(Child("worker", [*common, "worker", *tail], self.env, self.dir))
+        for n in range(self.ingress_processes):
+            port = free_port()
+            name, command = (f"serve{n}", "serve") if split else ("run", "run")
+            child = Child(name, [*common, command, *tail, "--port", str(port)], self.env, self.dir)
+            self.children.append(child)
+            await asyncio.to_thread(child.wait_port, port)
+            self.ports.append(port)
+        return self
+
+    def peak_rss_kb(self) -> dict[str, int | None]:
+        return {c.name: c.peak_rss_kb() for c in self.children}
+
+    async def stop(self) -> None:
+        for child in self.children:
+            child.kill()
+        await self.agency.stop()
+        if self.backend == "rabbitmq":
+            await self._delete_queues()
+
+    async def _delete_queues(self) -> None:
+        partners = PartnerRegistry.load(Settings(certs_dir=self.pki_dir).partners_path)
+        connection = await aio_pika.connect(AMQP_URL)
+        try:
+            channel = await connection.channel()
+            for destination in [DESTINATION, *sorted(peer_destinations(partners))]:
+                for queue, _arguments in names.queue_plan(destination, TIERS, prefix=self.prefix):
+                    await channel.queue_delete(queue)
+        finally:
+            await connection.close()
+
+    async def drive(
+        self, bodies: list[bytes], *, concurrency: int, duration: float, rate: float | None = None, drain: float = 120.0
+    ) -> dict[str, Any]:
+        """One load phase and its delivery: the loadgen's result plus delivered/s and drain time."""
+        batch = msgs.save(bodies, self.dir / f"messages-{uuid.uuid4().hex[:6]}.pickle")
+        started = time.perf_counter()
+        result = await loadgen(
+            self.urls,
+            batch,
+            self.dir / f"load-{uuid.uuid4().hex[:6]}.json",
+            concurrency=concurrency,
+            duration=duration,
+            rate=rate,
+        )
+        batch.unlink()
+        keys = {f"{mid}:{DESTINATION}" for mid in result.pop("accepted_ids")}
+        complete = await self.agency.wait_for(keys, drain)
+        seen = [self.agency.first_seen[k] for k in keys if k in self.agency.first_seen]
+        last = max(seen, default=started)
+        result |= {
+            "delivered": len(seen),
+            "all_delivered": complete,
+            "delivered_per_s": len(seen) / (last - started) if seen else 0.0,
+            "drain_s": max(0.0, last - started - result["elapsed_s"]),
+        }
+        return result
+
+
+async def measure(pki_dir: Path, work: Path, backend: str, size: int, plan: Plan) -> dict[str, Any]:
+    deployment = await Deployment(pki_dir, work, backend, plan.ingress_processes, 64 * 1024 * 1024).start()
+    try:
+        await deployment.drive(msgs.signed_messages(pki_dir, size, 20), concurrency=4, duration=30)  # warm up
+        count = int(plan.cap_per_s[size] * plan.duration)
+        saturation = await deployment.drive(
+            msgs.signed_messages(pki_dir, size, count), concurrency=64, duration=plan.duration
+        )
+        offered = int(plan.offered_rate * plan.duration)
+        fixed = await deployment.drive(
+            msgs.signed_messages(pki_dir, size, offered),
+            concurrency=256,
+            duration=plan.duration,
+            rate=plan.offered_rate,
+        )
+        return {"saturation": saturation, "fixed_rate": fixed, "peak_rss_kb": deployment.peak_rss_kb()}
+    finally:
+        await deployment.stop()
+
+
+async def large(pki_dir: Path, work: Path, backend: str, size: int) -> dict[str, Any]:
+    """One ~``size`` signed message: accepted, delivered, and the peak RSS growth of each process."""
+    body = msgs.signed_messages(pki_dir, size, 1)[0]
+    deployment = await Deployment(pki_dir, work, backend, 1, len(body) + 1024 * 1024).start()
+    try:
+        await deployment.drive(msgs.signed_messages(pki_dir, 5_000, 5), concurrency=1, duration=30)
+        before = deployment.peak_rss_kb()
+        result = await deployment.drive([body], concurrency=1, duration=300, drain=300)
+        after = deployment.peak_rss_kb()
+        growth = {k: (after[k] or 0) - (before[k] or 0) for k in after}
+        return {
+            "bytes": len(body),
+            "accepted": result["accepted"] == 1,
+            "delivered": result["all_delivered"] and result["delivered"] == 1,
+            "accept_s": result["elapsed_s"],
+            "deliver_s": result["elapsed_s"] + result["drain_s"],
+            "peak_rss_kb_before": before,
+            "peak_rss_kb_after": after,
+            "peak_rss_growth_kb": growth,
+        }
+    finally:
+        await deployment.stop()

@@ -1,0 +1,84 @@
+"""The printed table: each gateway figure next to the floor it is bounded by, with the ratio."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _f(value: float | None, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def _ratio(value: float | None, floor: float | None) -> str:
+    return "-" if not value or not floor else f"{value / floor:.2f}"
+
+
+def _mb(kb: int | None) -> str:
+    return "-" if kb is None else f"{kb / 1024:.0f}"
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = [f"NSW gateway bench ({'quick' if result['quick'] else 'full'}, {result['cpus']} CPUs)", ""]
+    row = "{:<44} {:>12} {:>12} {:>8}  {}"
+    lines.append(row.format("measure", "value", "floor", "ratio", "floor is"))
+    for size, floor in result["floors"].items():
+        kb = f"{int(size) // 1000} KB"
+        lines.append(f"-- floors, {kb}")
+        lines.append(
+            row.format("  aiohttp no-op POST -> 202 (req/s)", _f(floor["noop_http"]["accepted_per_s"]), "", "", "")
+        )
+        lines.append(row.format("  parse (msg/s)", _f(floor["parse_per_s"]), "", "", ""))
+        lines.append(row.format("  signature verify, our Verifier (msg/s)", _f(floor["verify_per_s"]), "", "", ""))
+        lines.append(row.format("  validate, our Validator (msg/s)", _f(floor["validate_per_s"]), "", "", ""))
+        if "publish_pipelined_per_s" in floor:
+            lines.append(
+                row.format("  confirmed publish one by one (msg/s)", _f(floor["publish_one_by_one_per_s"]), "", "", "")
+            )
+            lines.append(
+                row.format("  confirmed publish pipelined (msg/s)", _f(floor["publish_pipelined_per_s"]), "", "", "")
+            )
+            naive = floor["naive_pipeline"]
+            lines.append(row.format("  naive pipeline (req/s)", _f(naive["accepted_per_s"]), "", "", ""))
+        for key, run in result["gateway"].items():
+            backend, run_size = key.split("/")
+            if run_size != size:
+                continue
+            sat, fixed = run["saturation"], run["fixed_rate"]
+            naive_rate = floor.get("naive_pipeline", {}).get("accepted_per_s")
+            bound, bound_name = (naive_rate, "naive pipeline") if naive_rate else (floor["verify_per_s"], "verify")
+            lines.append(f"-- gateway, {backend}, {kb}")
+            for label, value, against, against_name in (
+                ("accepted/s at saturation", sat["accepted_per_s"], bound, bound_name),
+                ("accepted/s vs verify", sat["accepted_per_s"], floor["verify_per_s"], "verify"),
+                ("delivered/s to the agency", sat["delivered_per_s"], sat["accepted_per_s"], "accepted/s"),
+            ):
+                lines.append(row.format(f"  {label}", _f(value), _f(against), _ratio(value, against), against_name))
+            lines.append(
+                row.format(
+                    f"  p50 / p99 ms at {result['plan']['offered_rate']:.0f} msg/s offered",
+                    f"{_f(fixed['p50_ms'], 1)} / {_f(fixed['p99_ms'], 1)}",
+                    "",
+                    "",
+                    f"achieved {_f(fixed['accepted_per_s'])}/s",
+                )
+            )
+            statuses = {**sat["statuses"]}
+            statuses.pop("202", None)
+            if statuses or not sat["all_delivered"] or not fixed["all_delivered"]:
+                lines.append(
+                    f"     ! other answers {statuses}, all delivered: {sat['all_delivered']}/{fixed['all_delivered']}"
+                )
+            rss = ", ".join(f"{name} {_mb(kb)} MB" for name, kb in run["peak_rss_kb"].items())
+            lines.append(f"     peak RSS: {rss}")
+    for backend, big in result["large"].items():
+        lines.append(f"-- {big['bytes'] / 1e6:.1f} MB signed licence, {backend}")
+        lines.append(
+            f"     accepted {big['accepted']} in {big['accept_s']:.2f}s, "
+            f"delivered {big['delivered']} after {big['deliver_s']:.2f}s"
+        )
+        growth = ", ".join(
+            f"{name} +{_mb(kb)} MB (peak {_mb(big['peak_rss_kb_after'][name])} MB)"
+            for name, kb in big["peak_rss_growth_kb"].items()
+        )
+        lines.append(f"     peak RSS growth: {growth}")
+    return "\n".join(lines)

@@ -1,0 +1,74 @@
+"""Floor servers, each run as its own process: ``python -m bench.servers noop|naive --port P``.
+
+* ``noop``: aiohttp reads the body and answers 202 (the HTTP floor).
+* ``naive``: one process doing what the gateway must at least do: parse + verify + validate
+  (our Verifier and Validator) + one confirmed publish to a RabbitMQ quorum queue, then 202.
+  ``--queue`` must already exist (the caller declares and deletes it).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import aio_pika
+from aiohttp import web
+
+from gateway.config import Settings
+from gateway.partners import PartnerRegistry
+from gateway.security.parse import parse_message
+from gateway.security.trust import TrustStore
+from gateway.security.verify import Verifier
+from gateway.validation import DocumentTypeRegistry, Validator
+
+
+def noop_app() -> web.Application:
+    async def accept(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(status=202, text="accepted")
+
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_post("/v1/messages", accept)
+    return app
+
+
+def naive_app(pki_dir: Path, amqp_url: str, queue: str) -> web.Application:
+    settings = Settings(certs_dir=pki_dir)
+    verifier = Verifier(TrustStore.load(settings.trust_dir), PartnerRegistry.load(settings.partners_path))
+    validator = Validator(DocumentTypeRegistry.load())
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+
+    async def connect(app: web.Application) -> None:
+        app["connection"] = await aio_pika.connect_robust(amqp_url)
+        app["channel"] = await app["connection"].channel(publisher_confirms=True)
+
+    async def close(app: web.Application) -> None:
+        await app["connection"].close()
+
+    async def accept(request: web.Request) -> web.Response:
+        raw = await request.read()
+        validated = validator.validate(verifier.verify(parse_message(raw)))
+        message = aio_pika.Message(raw, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+        await request.app["channel"].default_exchange.publish(message, routing_key=queue)
+        return web.Response(status=202, text=validated.verified.header.message_id)
+
+    app.on_startup.append(connect)
+    app.on_cleanup.append(close)
+    app.router.add_post("/v1/messages", accept)
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.servers")
+    parser.add_argument("kind", choices=["noop", "naive"])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--certs", type=Path)
+    parser.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/")
+    parser.add_argument("--queue")
+    args = parser.parse_args()
+    app = noop_app() if args.kind == "noop" else naive_app(args.certs, args.amqp_url, args.queue)
+    web.run_app(app, host="127.0.0.1", port=args.port, access_log=None, print=None)
+
+
+if __name__ == "__main__":
+    main()
