@@ -164,13 +164,15 @@ class Pipeline:
 
     async def submit(self, raw: bytes) -> IngressResult:
         seen = _Seen()
-        try:
-            routed = self.admission.admit(raw, seen)
-        except Rejected as error:
-            return await self.reject(error, seen)
-        with structlog.contextvars.bound_contextvars(
-            message_id=routed.validated.verified.header.message_id, party=routed.validated.verified.party
-        ):
+        # Every log line of this message's handling carries its id and party (bound as soon as known).
+        with structlog.contextvars.bound_contextvars(message_id=None, party=None):
+            try:
+                routed = self.admission.admit(raw, seen)
+            except Rejected as error:
+                return await self.reject(error, seen)
+            structlog.contextvars.bind_contextvars(
+                message_id=routed.validated.verified.header.message_id, party=routed.validated.verified.party
+            )
             try:
                 return await self._enqueue(routed, seen)
             except BrokerUnavailable as exc:
@@ -218,10 +220,9 @@ class Pipeline:
         ]
         try:
             await self.broker.publish(deliveries)
-        except BrokerUnavailable as exc:
-            if claim.kind is ClaimKind.NEW:
-                unavailable = Event(State.REJECTED, **base, code=ErrorCode.UNAVAILABLE.value, detail=str(exc))
-                await self.ledger.release(mid, [unavailable])
+        except BrokerUnavailable:
+            if claim.kind is ClaimKind.NEW:  # free the id for the sender's retry; reject() audits the refusal
+                await self.ledger.release(mid, [])
             raise
         receipt = self.receipts.receipt(header, verified.digest, verified.received_at, destinations)
         accepted = [Event(State.ACCEPTED, **base, detail=f"routes: {_routes_text(routed)}")]
@@ -253,6 +254,7 @@ class Pipeline:
             detail=error.detail,
             location=error.location,
             message_id=seen.claimed_id,
+            party=verified.party if verified else None,
             claimed_sender=seen.claimed_sender.identity if seen.claimed_sender else None,
         )
         body = self.receipts.rejection(
