@@ -183,10 +183,9 @@ class Pipeline:
         verified = routed.validated.verified
         header = verified.header
         mid, doc_type = header.message_id, header.document_type
-        base = {"message_id": mid, "party": verified.party, "document_type": doc_type, "digest": verified.digest}
-        received = Event(
+        received = _event(
             State.RECEIVED,
-            **base,
+            verified,
             code="LEGACY_SHA1" if verified.legacy_algorithm else None,
             detail=_received_detail(verified),
         )
@@ -225,8 +224,8 @@ class Pipeline:
                 await self.ledger.release(mid, [])
             raise
         receipt = self.receipts.receipt(header, verified.digest, verified.received_at, destinations)
-        accepted = [Event(State.ACCEPTED, **base, detail=f"routes: {_routes_text(routed)}")]
-        accepted += [Event(State.QUEUED, **base, destination=dest) for dest in destinations]
+        accepted = [_event(State.ACCEPTED, verified, detail=f"routes: {_routes_text(routed)}")]
+        accepted += [_event(State.QUEUED, verified, destination=dest) for dest in destinations]
         await self.ledger.accept(mid, receipt, destinations, accepted)
         log.info("ingress.accepted", document_type=doc_type, destinations=destinations)
         return IngressResult(202, receipt, mid)
@@ -265,6 +264,27 @@ class Pipeline:
     async def reject_early(self, error: Rejected) -> IngressResult:
         """A rejection decided before the body was read (size, content type)."""
         return await self.reject(error, _Seen())
+
+
+def _event(
+    state: State,
+    verified: VerifiedMessage,
+    *,
+    destination: str | None = None,
+    code: str | None = None,
+    detail: str = "",
+) -> Event:
+    header = verified.header
+    return Event(
+        state,
+        header.message_id,
+        destination,
+        party=verified.party,
+        document_type=header.document_type,
+        digest=verified.digest,
+        code=code,
+        detail=detail,
+    )
 
 
 def _received_detail(verified: VerifiedMessage) -> str:

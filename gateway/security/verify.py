@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Final
 
 from cryptography import x509
 from lxml import etree
-from signxml import SignatureConfiguration, XMLVerifier
 from signxml.algorithms import DigestAlgorithm, SignatureMethod
 from signxml.exceptions import InvalidCertificate, InvalidInput, SignXMLException
+from signxml.verifier import SignatureConfiguration, XMLVerifier
 
 from gateway.envelope import CONTENT, ENVELOPE, NS, NSMAP, parse_header
 from gateway.errors import ErrorCode, Rejected
