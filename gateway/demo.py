@@ -22,6 +22,7 @@ from aiohttp import ClientSession, web
 
 from gateway.config import Settings
 from gateway.crossborder_demo import (
+    FAST_POLICY,
     Agencies,
     Node,
     home_routing,
@@ -46,16 +47,6 @@ from gateway.security.sign import Signer, to_bytes
 FLAKY = "customs"  # answers 503 to its first attempts
 REFUSING = "trader-portal"  # answers 400 until "fixed"
 FLAKY_FAILURES = 3
-FAST_RETRY: dict[str, Any] = {
-    "retry": {
-        "in_process_attempts": 2,
-        "in_process_wait": 0.05,
-        "tiers": [0.3, 0.6, 1.2],
-        "max_attempts": 6,
-        "max_age": 120,
-    },
-    "breaker": {"failure_threshold": 10, "reset_after": 1},
-}
 RECEIPT = "{urn:nsw:receipt:1}"
 
 
@@ -161,13 +152,13 @@ async def _demo(base: Path) -> int:
     runner: web.AppRunner | None = None
     try:
         # Thailand's NSW: a second real gateway, so e-C/O and ePhyto legs to asw:TH get a signed peer receipt.
-        th_routing = peer_routing("TH", pair.peer_issuer, th_agencies.url, base / "th-archive", policy=FAST_RETRY)
+        th_routing = peer_routing("TH", pair.peer_issuer, th_agencies.url, base / "th-archive", policy=FAST_POLICY)
         nodes.append(
             await open_node(
                 pair.peer_dir, base / "th-var", identity=pair.peer_identity, routing=th_routing, sock=th_sock
             )
         )
-        routing = home_routing(f"http://127.0.0.1:{agencies.port}", base / "archive", policy=FAST_RETRY)
+        routing = home_routing(f"http://127.0.0.1:{agencies.port}", base / "archive", policy=FAST_POLICY)
         settings = Settings(certs_dir=pki, data_dir=base / "var", lease_seconds=10.0)
         gw = await Gateway.open(settings, routing=routing)
         nodes.append(Node(gw, loopback_socket(), server_tls(pki)))
