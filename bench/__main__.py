@@ -60,7 +60,7 @@ async def http_floor(kind: str, pki_dir: Path, work: Path, bodies: list[bytes], 
 
 
 async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    plan = Plan(duration=2.0 if args.quick else 10.0, ingress_processes=args.ingress)
+    plan = Plan(duration=1.5 if args.quick else 10.0, ingress_processes=args.ingress)
     with_rabbit = not args.skip_rabbitmq and rabbit_up()
     backends = ["rabbitmq", "embedded"] if with_rabbit else ["embedded"]
     pki_dir = work / "certs"
@@ -89,7 +89,7 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         for backend in backends:
             out["gateway"][f"{backend}/{size}"] = await measure(pki_dir, work, backend, size, plan)
     if not args.skip_large:
-        for backend in backends:
+        for backend in backends[:1] if args.quick else backends:  # quick: the first backend only
             out["large"][backend] = await large(pki_dir, work, backend, plan.large_size)
     out["bench_peak_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return out

@@ -47,12 +47,11 @@ def verify_and_validate(pki_dir: Path, messages: Sequence[bytes]) -> dict[str, f
 
 async def _publish(amqp_url: str, body: bytes, count: int, window: int) -> float:
     queue = f"nswbench-{uuid.uuid4().hex[:8]}"
-    connection = await aio_pika.connect(amqp_url)
+    await declare_quorum(amqp_url, queue)
     try:
-        channel = await connection.channel(publisher_confirms=True)
-        await channel.declare_queue(queue, durable=True, arguments=QUORUM)
-        exchange = channel.default_exchange
+        connection = await aio_pika.connect(amqp_url)
         try:
+            exchange = (await connection.channel(publisher_confirms=True)).default_exchange
             started = time.perf_counter()
             for first in range(0, count, window):
                 batch = range(first, min(count, first + window))
@@ -66,9 +65,9 @@ async def _publish(amqp_url: str, body: bytes, count: int, window: int) -> float
                 )
             return count / (time.perf_counter() - started)
         finally:
-            await channel.queue_delete(queue)
-    finally:
-        await connection.close()
+            await connection.close()
+    finally:  # on a connection of its own: the shared broker may have closed the one above
+        await declare_quorum(amqp_url, queue, delete=True)
 
 
 async def publish_rates(amqp_url: str, body: bytes, count: int) -> dict[str, float]:
