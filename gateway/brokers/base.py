@@ -10,8 +10,9 @@ Semantics both backends guarantee (and ``tests/brokers/`` checks against both):
   ``Ack`` -> removed; ``Retry`` -> back after ``delay`` seconds (rounded up to a retry tier) with
   ``attempt + 1``; ``DeadLetter`` -> moved to the destination's dead-letter queue, which never expires.
   If the handler raises, or the consumer dies, the delivery comes back (lease expiry / channel close).
-* Dead letters are listed and replayed by operators; replay keeps the original message id and resets
-  ``attempt`` to 1.
+* Dead letters are listed and replayed by operators; replay keeps the original message id and starts a
+  new delivery generation: ``attempt`` 1 and ``first_enqueued_at`` = the replay time (so the retry
+  budget's age, and a cross-border forward's sendDate, count from the replay, not from the first try).
 """
 
 from __future__ import annotations

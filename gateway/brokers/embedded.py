@@ -432,11 +432,12 @@ class EmbeddedBroker:
     async def replay_dead(self, destination: str | None = None, message_id: str | None = None) -> int:
         def work(conn: sqlite3.Connection) -> list[Delivery]:
             rows = self._select_dead(destination, message_id)
+            now = time.time()
             replayed = [
-                replace(d, attempt=1, headers={**d.headers, REPLAYED_HEADER: "true"})
+                replace(d, attempt=1, first_enqueued_at=now, headers={**d.headers, REPLAYED_HEADER: "true"})
                 for d in map(_row_to_delivery, rows)
             ]
-            self._insert_work(conn, [_delivery_row(d, time.time()) for d in replayed])
+            self._insert_work(conn, [_delivery_row(d, now) for d in replayed])
             conn.executemany("DELETE FROM dead_letters WHERE id = ?", [(r["id"],) for r in rows])
             return replayed
 

@@ -361,7 +361,7 @@ class RabbitMQBroker:
                 copies = []
                 for m in chosen:
                     d = decode(m, dest)
-                    d = replace(d, attempt=1, headers={**d.headers, REPLAYED_HEADER: "true"})
+                    d = replace(d, attempt=1, first_enqueued_at=now, headers={**d.headers, REPLAYED_HEADER: "true"})
                     copies.append((names.work_queue(dest, self.prefix), encode(d, now=now)))
                 await self._publish_all(copies, destinations=[dest])
                 # Only after every copy is confirmed: a crash before this line leaves a duplicate, not a loss.
