@@ -20,7 +20,7 @@ from typing import Any
 
 from bench import floors
 from bench import messages as msgs
-from bench.gateway_runs import AMQP_URL, Plan, large, measure
+from bench.gateway_runs import AMQP_URL, Plan, Pools, large, measure
 from bench.procs import Child, child_env, free_port, loadgen
 from bench.report import table
 from gateway.security.pki import init_dev_pki
@@ -76,7 +76,8 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "large": {},
     }
     for size in plan.sizes:
-        sample = msgs.signed_messages(pki_dir, size, 300 if args.quick else 1000)
+        pools = Pools.sign(pki_dir, size, plan)
+        sample = pools.saturation[: 300 if args.quick else 1000]
         floor: dict[str, Any] = floors.verify_and_validate(pki_dir, sample)
         # the floor servers keep no state, so the same signed bodies can be sent again and again
         http_bodies = sample * (1 + int(plan.duration * (30000 if size < 50_000 else 5000)) // len(sample))
@@ -87,7 +88,7 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             floor["naive_pipeline"] = await http_floor("naive", pki_dir, work, naive_bodies, plan.duration)
         out["floors"][str(size)] = floor
         for backend in backends:
-            out["gateway"][f"{backend}/{size}"] = await measure(pki_dir, work, backend, size, plan)
+            out["gateway"][f"{backend}/{size}"] = await measure(pki_dir, work, backend, pools, plan)
     if not args.skip_large:
         for backend in backends[:1] if args.quick else backends:  # quick: the first backend only
             out["large"][backend] = await large(pki_dir, work, backend, plan.large_size)

@@ -137,17 +137,29 @@ class Deployment:
         return result
 
 
-async def measure(pki_dir: Path, work: Path, backend: str, size: int, plan: Plan) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Pools:
+    """Signed messages for one size. Every deployment has its own ledger and queues, so the same pools
+    serve both backends; within a deployment each messageId is sent once."""
+
+    warm_up: list[bytes]
+    saturation: list[bytes]
+    fixed_rate: list[bytes]
+
+    @classmethod
+    def sign(cls, pki_dir: Path, size: int, plan: Plan) -> Pools:
+        count, offered = int(plan.cap_per_s[size] * plan.duration), int(plan.offered_rate * plan.duration)
+        every = msgs.signed_messages(pki_dir, size, 20 + count + offered)
+        return cls(every[:20], every[20 : 20 + count], every[20 + count :])
+
+
+async def measure(pki_dir: Path, work: Path, backend: str, pools: Pools, plan: Plan) -> dict[str, Any]:
     deployment = await Deployment(pki_dir, work, backend, plan.ingress_processes, 64 * 1024 * 1024).start()
     try:
-        await deployment.drive(msgs.signed_messages(pki_dir, size, 20), concurrency=4, duration=30)  # warm up
-        count = int(plan.cap_per_s[size] * plan.duration)
-        saturation = await deployment.drive(
-            msgs.signed_messages(pki_dir, size, count), concurrency=64, duration=plan.duration
-        )
-        offered = int(plan.offered_rate * plan.duration)
+        await deployment.drive(pools.warm_up, concurrency=4, duration=30)
+        saturation = await deployment.drive(pools.saturation, concurrency=64, duration=plan.duration)
         fixed = await deployment.drive(
-            msgs.signed_messages(pki_dir, size, offered),
+            pools.fixed_rate,
             concurrency=64,  # in flight at most; a saturated gateway then sees fewer than offered (printed)
             duration=plan.duration,
             rate=plan.offered_rate,
