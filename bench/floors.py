@@ -20,7 +20,7 @@ from gateway.security.trust import TrustStore
 from gateway.security.verify import Verifier
 from gateway.validation import DocumentTypeRegistry, Validator
 
-QUORUM = {"x-queue-type": "quorum"}
+QUORUM: dict[str, Any] = {"x-queue-type": "quorum"}
 
 
 def per_second(action: Callable[[Any], object], items: Sequence[Any]) -> float:

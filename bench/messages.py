@@ -36,7 +36,7 @@ def _grow(root: etree._Element, target: int) -> None:
     one = len(etree.tostring(line)) - len(f' xmlns="{LICENCE_NS}"')
     for number in range(2, 2 + max(0, (target - BASE_SIZE) // one)):
         extra = copy.deepcopy(line)
-        extra.find(f"{{{LICENCE_NS}}}lineNumber").text = str(number)  # type: ignore[union-attr]
+        extra.find(f"{{{LICENCE_NS}}}lineNumber").text = str(number)
         items.append(extra)
 
 

@@ -3,13 +3,12 @@ agencies), and the long form switch."""
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
 
 import pytest
 
 from tests.e2e.conftest import agencies, rabbit  # noqa: F401 - fixtures re-exported for tests/faults
-
-LONG = os.environ.get("NSW_FAULTS_LONG") == "1"
+from tests.faults.harness import LONG
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -17,6 +16,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if LONG or "slow" in (config.getoption("markexpr") or ""):
         return
     skip = pytest.mark.skip(reason="long fault form: run with -m slow or NSW_FAULTS_LONG=1")
-    for item in items:
-        if "slow" in item.keywords:
+    here = Path(__file__).parent
+    for item in items:  # this hook sees the whole session: touch only the tests of this folder
+        if "slow" in item.keywords and here in item.path.parents:
             item.add_marker(skip)

@@ -25,6 +25,7 @@ from gateway.runtime import peer_destinations
 from tests.e2e.conftest import child_env, nswgw
 from tests.support.agency import WAIT, Agency
 
+LONG = os.environ.get("NSW_FAULTS_LONG") == "1"  # the long form: more load and more rounds
 GATEWAY_ENV = {"NSW_RATE_PER_PARTY": "1000000", "NSW_RATE_BURST": "1000000", "NSW_LEASE_SECONDS": "2"}
 
 

@@ -19,8 +19,7 @@ import pytest
 
 from tests.conftest import free_port
 from tests.e2e.conftest import Rabbit, write_routing
-from tests.faults.conftest import LONG
-from tests.faults.harness import Load, Process, check_keys, peer_queues_of, tally, wait_all_delivered, wait_ready
+from tests.faults.harness import LONG, Load, Process, check_keys, peer_queues_of, tally, wait_all_delivered, wait_ready
 from tests.support.agency import Agency
 
 BURST = 40 if LONG else 15  # accepted messages between two faults
@@ -40,7 +39,16 @@ class Rig:
         self.sent: set[str] = set()
 
     def process(self, command: str, log: str, *extra: str) -> Process:
-        args = [command, "--certs", self.pki_dir, "--data", self.data, "--routing", self.routing, *extra]
+        args: list[str | Path] = [
+            command,
+            "--certs",
+            self.pki_dir,
+            "--data",
+            self.data,
+            "--routing",
+            self.routing,
+            *extra,
+        ]
         process = Process(args, self.env, self.tmp / log).start()
         self.processes.append(process)
         return process
