@@ -4,6 +4,10 @@ Every messageId that got a 202 must reach each routed agency at least once; rede
 same Idempotency-Key. Each test prints ``accepted / delivered / duplicates / lost`` and asserts
 ``lost == 0``. RabbitMQ tests run ingress (``nswgw serve``) and worker (``nswgw worker``) as separate
 processes so each can be killed on its own; the embedded backend runs ``nswgw run`` and is killed whole.
+
+    python -m pytest tests/faults -q -s                      # short form (part of the normal suite)
+    NSW_FAULTS_LONG=1 python -m pytest tests/faults -q -s    # long form: 5 rounds of 40, and the broker restart
+    python -m pytest tests/faults -q -s -m slow              # only the broker restart (stops the shared broker!)
 """
 
 from __future__ import annotations
