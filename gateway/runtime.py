@@ -95,6 +95,7 @@ class Gateway:
             country_code=me.country if me else settings.gateway_country,
         )
         receipts = ReceiptFactory(signer, gateway_party)
+        peers = peer_destinations(partners)
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         ledger = make_ledger(settings.database_url, settings.data_dir, synchronous=settings.sqlite_synchronous)
         await ledger.open()
@@ -104,7 +105,7 @@ class Gateway:
         broker = broker_for(settings)
         try:
             await broker.start()
-            await broker.declare([*routing.destinations, *peer_destinations(partners)])
+            await broker.declare([*routing.destinations, *peers])
         except Exception:
             await ledger.close()
             raise
@@ -114,7 +115,7 @@ class Gateway:
             validator=validator,
             partners=partners,
             routing=routing,
-            extra_destinations=peer_destinations(partners),
+            extra_destinations=peers,
         )
         pipeline = Pipeline(admission, broker=broker, ledger=ledger, receipts=receipts)
         log.info(
@@ -134,16 +135,20 @@ class Gateway:
         base = base_dir or self.settings.data_dir
         # ASW peers need the gateway itself (its key, trust store, registry), not just options. A peer
         # the routing file does not list as a destination (adapter: asw) gets the default options.
-        verifier = Verifier(self.trust, self.partners)
-        peers = PeerContext(self.receipts.gateway, self.signer, verifier, ProofStore.under(self.settings.data_dir))
+        context = PeerContext(
+            self.receipts.gateway,
+            self.signer,
+            self.pipeline.admission.verifier,  # peer receipts are checked exactly like inbound messages
+            ProofStore.under(self.settings.data_dir),
+        )
         adapters = {
-            name: build_peer_adapter(name, dest.options, peers)
+            name: build_peer_adapter(name, dest.options, context)
             if dest.adapter == ASW_KIND
             else build_adapter(name, dest.adapter, dest.options, base_dir=base)
             for name, dest in self.routing.destinations.items()
         }
         for name in sorted(peer_destinations(self.partners) - adapters.keys()):
-            adapters[name] = build_peer_adapter(name, {}, peers)
+            adapters[name] = build_peer_adapter(name, {}, context)
         return adapters
 
     async def start_worker(self, destinations: list[str] | None = None) -> Worker:

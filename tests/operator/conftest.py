@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.operator.helpers import Agency
+from tests.support.agency import Agency
 
 
 @pytest.fixture
@@ -15,7 +15,7 @@ async def agencies() -> AsyncIterator[Callable[..., Any]]:
     started: list[Agency] = []
 
     async def start(answers: Iterable[int] = (), default: int = 200) -> Agency:
-        agency = await Agency(answers, default).start()
+        agency = await Agency("agency", answers, default).start()
         started.append(agency)
         return agency
 

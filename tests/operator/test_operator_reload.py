@@ -14,7 +14,8 @@ from structlog.testing import capture_logs
 
 from gateway.reload import ReloadOutcome, RoutingReloader
 from tests.conftest import RunningGateway
-from tests.operator.helpers import DEADLINE, Agency, rules, scrape, value, write_rules
+from tests.operator.helpers import DEADLINE, rules, scrape, value, write_rules
+from tests.support.agency import Agency
 
 
 async def send(gw: RunningGateway, signed: Callable[..., bytes]) -> list[str]:
@@ -45,7 +46,7 @@ async def test_a_valid_rules_file_takes_effect_without_restart(
     assert await reloader.check() is None  # unchanged file: nothing to do
 
     assert await send(gw, signed) == ["first"]
-    await first.wait_for(lambda: len(first.succeeded()) == 1)
+    await first.wait_until(lambda: len(first.delivered_keys()) == 1)
 
     write_rules(path, rules({"second": second.url}))
     outcome = await reloader.check()
@@ -53,7 +54,7 @@ async def test_a_valid_rules_file_takes_effect_without_restart(
 
     assert await send(gw, signed) == ["second"]
     # The worker learnt the new destination: the copy is delivered, not left in its queue.
-    await second.wait_for(lambda: len(second.succeeded()) == 1)
+    await second.wait_until(lambda: len(second.delivered_keys()) == 1)
     assert len(first.requests) == 1
     assert gw.gateway.pipeline.admission.routing is gw.gateway.routing
     m = await scrape(gw.client)
@@ -83,7 +84,7 @@ async def test_an_invalid_rules_file_keeps_the_old_rules_and_names_the_rule(
 
     assert gw.gateway.pipeline.admission.routing is old
     assert await send(gw, signed) == ["first"]
-    await first.wait_for(lambda: len(first.succeeded()) == 1)
+    await first.wait_until(lambda: len(first.delivered_keys()) == 1)
     assert await reloader.check() is None  # the same faulty file is not retried (nor logged) every poll
 
     # An adapter fault is caught before the swap too, when this process runs a worker.
