@@ -27,6 +27,7 @@ class Event:
     code: str | None = None  # rejection code, failure code, dead-letter code
     detail: str = ""
     at: float = field(default_factory=time.time)
+    claimed_party: str | None = None  # REJECTED before verification: what <From> claimed (unverified)
 
 
 class Recorder(Protocol):

@@ -31,7 +31,6 @@ Exported (per process; Prometheus sums ingress and worker processes)::
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -64,9 +63,6 @@ SIGNATURE_CODES: Final = frozenset(
 )
 UNKNOWN_PARTY: Final = "unknown"
 LATENCY_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-# The pipeline's rejection detail ends with "(sender <identity>, verified|unverified)" (gateway/pipeline.py,
-# _rejection_detail). A failed signature leaves Event.party empty, so the claimed sender is read from there.
-_CLAIMED_SENDER = re.compile(r"\(sender (\S+), (?:un)?verified\)\Z")
 
 
 class GatewayMetrics:
@@ -187,10 +183,7 @@ class EventCounter:
         return started
 
     def _claimed_party(self, event: Event) -> str:
-        claimed = event.party
-        if claimed is None:
-            match = _CLAIMED_SENDER.search(event.detail)
-            claimed = match.group(1) if match else None
+        claimed = event.party or event.claimed_party  # a failed signature leaves party unverified (None)
         # Only registered identities become label values: a forger could otherwise mint series at will.
         return claimed if claimed is not None and self._is_party(claimed) else UNKNOWN_PARTY
 

@@ -240,6 +240,7 @@ class Pipeline:
             digest=seen.digest,
             code=error.code.value,
             detail=_rejection_detail(error, seen),
+            claimed_party=seen.claimed_sender.identity if seen.claimed_sender else None,
         )
         try:
             await self.ledger.record([event])
