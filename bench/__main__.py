@@ -1,4 +1,4 @@
-"""``python -m bench [--quick] [--skip-rabbitmq] [--ingress N]``: floors, then the gateway, one table.
+"""``python -m bench [--quick] [--skip-rabbitmq] [--processes N]``: floors, then the gateway, one table.
 
 Writes bench/results/<UTC timestamp>.json (gitignored). Targets are printed, never asserted.
 """
@@ -36,31 +36,37 @@ def rabbit_up() -> bool:
         return False
 
 
-async def http_floor(kind: str, pki_dir: Path, work: Path, bodies: list[bytes], duration: float) -> dict[str, Any]:
-    """The no-op aiohttp server, or the naive one-process pipeline, at saturation (separate processes)."""
+async def http_floor(
+    kind: str, pki_dir: Path, work: Path, bodies: list[bytes], duration: float, *, copies: int = 1
+) -> dict[str, Any]:
+    """The no-op aiohttp server, or the naive pipeline in ``copies`` processes sharing the port, at saturation."""
     port = free_port()
     queue = f"nswbench-naive-{uuid.uuid4().hex[:8]}"
     args = ["-m", "bench.servers", kind, "--port", str(port), "--certs", str(pki_dir), "--queue", queue]
+    if copies > 1:
+        args.append("--reuse-port")
     if kind == "naive":
         await floors.declare_quorum(AMQP_URL, queue)
-    server = Child(f"floor-{kind}", args, child_env(), work)
+    servers = [Child(f"floor-{kind}-{n}", args, child_env(), work) for n in range(copies)]
     try:
-        await asyncio.to_thread(server.wait_port, port)
+        for server in servers:
+            await asyncio.to_thread(server.wait_port, port)
         batch = msgs.save(bodies, work / f"{kind}.pickle")
         result = await loadgen(
             [f"http://127.0.0.1:{port}/v1/messages"], batch, work / f"{kind}.json", concurrency=64, duration=duration
         )
         result.pop("accepted_ids")
-        result["peak_rss_kb"] = server.peak_rss_kb()
+        result["peak_rss_kb"] = [server.peak_rss_kb() for server in servers]
         return result
     finally:
-        server.kill()
+        for server in servers:
+            server.kill()
         if kind == "naive":
             await floors.declare_quorum(AMQP_URL, queue, delete=True)
 
 
 async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    plan = Plan(duration=1.5 if args.quick else 10.0, ingress_processes=args.ingress)
+    plan = Plan(duration=1.5 if args.quick else 10.0, processes=args.processes)
     with_rabbit = not args.skip_rabbitmq and rabbit_up()
     backends = ["rabbitmq", "embedded"] if with_rabbit else ["embedded"]
     pki_dir = work / "certs"
@@ -69,7 +75,7 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "started": datetime.now(UTC).isoformat(),
         "quick": args.quick,
         "cpus": os.cpu_count(),
-        "plan": {"duration_s": plan.duration, "offered_rate": plan.offered_rate, "ingress_processes": args.ingress},
+        "plan": {"duration_s": plan.duration, "offered_rate": plan.offered_rate, "processes": args.processes},
         "backends": backends,
         "floors": {},
         "gateway": {},
@@ -86,12 +92,16 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             floor |= await floors.publish_rates(AMQP_URL, sample[0], 1000 if args.quick else 5000)
             naive_bodies = http_bodies[: int(plan.duration * plan.cap_per_s[size])]
             floor["naive_pipeline"] = await http_floor("naive", pki_dir, work, naive_bodies, plan.duration)
+            if plan.processes > 1:
+                floor["naive_pipeline_n"] = await http_floor(
+                    "naive", pki_dir, work, naive_bodies, plan.duration, copies=plan.processes
+                )
         out["floors"][str(size)] = floor
         for backend in backends:
             out["gateway"][f"{backend}/{size}"] = await measure(pki_dir, work, backend, pools, plan)
     if not args.skip_large:
         for backend in backends[:1] if args.quick else backends:  # quick: the first backend only
-            out["large"][backend] = await large(pki_dir, work, backend, plan.large_size)
+            out["large"][backend] = await large(pki_dir, work, backend, plan.large_size, plan.processes)
     out["bench_peak_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return out
 
@@ -102,7 +112,12 @@ def main() -> None:
     parser.add_argument("--skip-rabbitmq", action="store_true", help="embedded backend only")
     parser.add_argument("--skip-large", action="store_true", help="leave out the 20 MB message")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs) instead of deleting it")
-    parser.add_argument("--ingress", type=int, default=1, help="N > 1: N `nswgw serve` + one `nswgw worker`")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="`nswgw run --processes N` (default: one per CPU); the naive floor is also measured with N copies",
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="nswbench-"))
     try:

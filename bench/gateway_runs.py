@@ -18,7 +18,7 @@ import yaml
 
 from bench import messages as msgs
 from bench.agency import CountingAgency
-from bench.procs import Child, child_env, free_port, loadgen
+from bench.procs import Child, child_env, free_port, loadgen, vm_hwm_kb
 from gateway.brokers import names
 from gateway.config import Settings
 from gateway.partners import PartnerRegistry
@@ -35,7 +35,7 @@ class Plan:
     offered_rate: float = 500.0
     sizes: tuple[int, ...] = (5_000, 100_000)
     large_size: int = 20_000_000
-    ingress_processes: int = 1  # > 1: that many `nswgw serve` plus one `nswgw worker`
+    processes: int = 2  # `nswgw run --processes N`: N copies sharing the port (one per core)
     cap_per_s: dict[int, float] = field(default_factory=lambda: {5_000: 1500.0, 100_000: 300.0})
 
 
@@ -50,50 +50,50 @@ def routing(agency: CountingAgency) -> dict[str, Any]:
 class Deployment:
     """One gateway deployment (processes, data folder, queues) for one measurement, torn down after."""
 
-    def __init__(self, pki_dir: Path, work: Path, backend: str, ingress_processes: int, max_body: int) -> None:
+    def __init__(self, pki_dir: Path, work: Path, backend: str, processes: int, max_body: int) -> None:
         self.pki_dir, self.backend = pki_dir, backend
         self.dir = work / f"{backend}-{uuid.uuid4().hex[:6]}"
         self.dir.mkdir(parents=True)
         self.prefix = f"nswbench-{uuid.uuid4().hex[:8]}"
-        self.ingress_processes = ingress_processes
+        self.processes = processes
         env = {"NSW_RATE_PER_PARTY": "1000000", "NSW_RATE_BURST": "1000000", "NSW_PREFETCH": "64"}
         env["NSW_MAX_BODY_BYTES"] = str(max_body)
         if backend == "rabbitmq":
             env |= {"NSW_AMQP_URL": AMQP_URL, "NSW_QUEUE_PREFIX": self.prefix}
             env["NSW_RETRY_TIERS"] = ",".join(map(str, TIERS))
         self.env = child_env(env)
-        self.children: list[Child] = []
-        self.ports: list[int] = []
+        self.gateway: Child | None = None
+        self.port = 0
         self.agency = CountingAgency()
 
     @property
     def urls(self) -> list[str]:
-        return [f"http://127.0.0.1:{p}/v1/messages" for p in self.ports]
+        return [f"http://127.0.0.1:{self.port}/v1/messages"]
 
     async def start(self) -> Deployment:
         await self.agency.start()
         routing_file = self.dir / "routing.yaml"
         routing_file.write_text(yaml.safe_dump(routing(self.agency)))
-        common = ["-m", "gateway"]
-        tail = ["--certs", str(self.pki_dir), "--data", str(self.dir / "var"), "--routing", str(routing_file)]
-        split = self.ingress_processes > 1
-        if split:
-            self.children.append(Child("worker", [*common, "worker", *tail], self.env, self.dir))
-        for n in range(self.ingress_processes):
-            port = free_port()
-            name, command = (f"serve{n}", "serve") if split else ("run", "run")
-            child = Child(name, [*common, command, *tail, "--port", str(port)], self.env, self.dir)
-            self.children.append(child)
-            await asyncio.to_thread(child.wait_port, port)
-            self.ports.append(port)
+        self.port = free_port()
+        args = ["-m", "gateway", "run", "--certs", str(self.pki_dir), "--data", str(self.dir / "var")]
+        args += ["--routing", str(routing_file), "--port", str(self.port), "--processes", str(self.processes)]
+        self.gateway = Child("run", args, self.env, self.dir)
+        await asyncio.to_thread(self.gateway.wait_port, self.port)
+        # with a supervisor, the port answers once the first child listens: wait for all of them
+        await asyncio.to_thread(self.gateway.wait_children, self.processes if self.processes > 1 else 0)
         return self
 
     def peak_rss_kb(self) -> dict[str, int | None]:
-        return {c.name: c.peak_rss_kb() for c in self.children}
+        """Every gateway process: the children of a supervisor (run0, run1, ...) or the one ``run``."""
+        assert self.gateway is not None
+        children = self.gateway.children()
+        if not children:
+            return {"run": self.gateway.peak_rss_kb()}
+        return {f"run{n}": vm_hwm_kb(pid) for n, pid in enumerate(children)}
 
     async def stop(self) -> None:
-        for child in self.children:
-            child.kill()
+        if self.gateway is not None:
+            self.gateway.kill()
         await self.agency.stop()
         if self.backend == "rabbitmq":
             await self._delete_queues()
@@ -154,7 +154,7 @@ class Pools:
 
 
 async def measure(pki_dir: Path, work: Path, backend: str, pools: Pools, plan: Plan) -> dict[str, Any]:
-    deployment = await Deployment(pki_dir, work, backend, plan.ingress_processes, 64 * 1024 * 1024).start()
+    deployment = await Deployment(pki_dir, work, backend, plan.processes, 64 * 1024 * 1024).start()
     try:
         await deployment.drive(pools.warm_up, concurrency=4, duration=30)
         saturation = await deployment.drive(pools.saturation, concurrency=64, duration=plan.duration)
@@ -169,10 +169,10 @@ async def measure(pki_dir: Path, work: Path, backend: str, pools: Pools, plan: P
         await deployment.stop()
 
 
-async def large(pki_dir: Path, work: Path, backend: str, size: int) -> dict[str, Any]:
+async def large(pki_dir: Path, work: Path, backend: str, size: int, processes: int) -> dict[str, Any]:
     """One ~``size`` signed message: accepted, delivered, and the peak RSS growth of each process."""
     body = msgs.signed_messages(pki_dir, size, 1)[0]
-    deployment = await Deployment(pki_dir, work, backend, 1, len(body) + 1024 * 1024).start()
+    deployment = await Deployment(pki_dir, work, backend, processes, len(body) + 1024 * 1024).start()
     try:
         await deployment.drive(msgs.signed_messages(pki_dir, 5_000, 5), concurrency=1, duration=30)
         before = deployment.peak_rss_kb()

@@ -66,11 +66,44 @@ class Child:
             time.sleep(0.1)
         raise RuntimeError(f"{self.name} did not listen on {port} within {timeout}s")
 
+    def children(self) -> list[int]:
+        """Direct child processes (a supervisor's workers), oldest first."""
+        try:
+            text = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text()
+        except OSError:
+            return []
+        return sorted(int(pid) for pid in text.split())
+
+    def wait_children(self, count: int, timeout: float = 60.0) -> None:
+        """Until ``count`` children exist and each has opened a listening socket (lsof-free: /proc)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            children = self.children()
+            if len(children) >= count and all(_listening(pid) for pid in children):
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.name}: {count} listening children not seen within {timeout}s")
+
     def kill(self) -> None:
-        if self.popen.poll() is None:
+        """SIGKILL the process and its children (a supervisor's children would only get SIGTERM)."""
+        for pid in [*self.children(), self.pid]:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
         self.popen.wait(timeout=30)
+
+
+def _listening(pid: int) -> bool:
+    """True once ``pid`` holds a TCP socket in LISTEN state (matched through its fd inodes)."""
+    try:
+        inodes = {
+            os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1]
+            for fd in os.listdir(f"/proc/{pid}/fd")
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:[")
+        }
+        lines = Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]
+    except OSError:
+        return False
+    return any(line.split()[3] == "0A" and line.split()[9] in inodes for line in lines)
 
 
 async def loadgen(

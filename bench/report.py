@@ -18,7 +18,12 @@ def _mb(kb: int | None) -> str:
 
 
 def table(result: dict[str, Any]) -> str:
-    lines = [f"NSW gateway bench ({'quick' if result['quick'] else 'full'}, {result['cpus']} CPUs)", ""]
+    processes = result["plan"]["processes"]
+    lines = [
+        f"NSW gateway bench ({'quick' if result['quick'] else 'full'}, {result['cpus']} CPUs, "
+        f"`nswgw run --processes {processes}`)",
+        "",
+    ]
     row = "{:<44} {:>12} {:>12} {:>8}  {}"
     lines.append(row.format("measure", "value", "floor", "ratio", "floor is"))
     for size, floor in result["floors"].items():
@@ -38,7 +43,10 @@ def table(result: dict[str, Any]) -> str:
                 row.format("  confirmed publish pipelined (msg/s)", _f(floor["publish_pipelined_per_s"]), "", "", "")
             )
             naive = floor["naive_pipeline"]
-            lines.append(row.format("  naive pipeline (req/s)", _f(naive["accepted_per_s"]), "", "", ""))
+            lines.append(row.format("  naive pipeline, 1 process (req/s)", _f(naive["accepted_per_s"]), "", "", ""))
+            if "naive_pipeline_n" in floor:
+                label = f"  naive pipeline, {result['plan']['processes']} processes (req/s)"
+                lines.append(row.format(label, _f(floor["naive_pipeline_n"]["accepted_per_s"]), "", "", ""))
         for key, run in result["gateway"].items():
             backend, run_size = key.split("/")
             if run_size != size:
@@ -47,8 +55,12 @@ def table(result: dict[str, Any]) -> str:
             naive_rate = floor.get("naive_pipeline", {}).get("accepted_per_s")
             bound, bound_name = (naive_rate, "naive pipeline") if naive_rate else (floor["verify_per_s"], "verify")
             lines.append(f"-- gateway, {backend}, {kb}")
+            naive_n = floor.get("naive_pipeline_n", {}).get("accepted_per_s")
+            n = result["plan"]["processes"]
+            same = [("accepted/s vs naive, same processes", sat["accepted_per_s"], naive_n, f"naive x{n}")]
             for label, value, against, against_name in (
                 ("accepted/s at saturation", sat["accepted_per_s"], bound, bound_name),
+                *(same if naive_n else []),
                 ("accepted/s vs verify", sat["accepted_per_s"], floor["verify_per_s"], "verify"),
                 ("delivered/s to the agency", sat["delivered_per_s"], sat["accepted_per_s"], "accepted/s"),
             ):

@@ -65,9 +65,10 @@ def main() -> None:
     parser.add_argument("--certs", type=Path)
     parser.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/")
     parser.add_argument("--queue")
+    parser.add_argument("--reuse-port", action="store_true", help="SO_REUSEPORT: several copies share the port")
     args = parser.parse_args()
     app = noop_app() if args.kind == "noop" else naive_app(args.certs, args.amqp_url, args.queue)
-    web.run_app(app, host="127.0.0.1", port=args.port, access_log=None, print=None)
+    web.run_app(app, host="127.0.0.1", port=args.port, access_log=None, print=None, reuse_port=args.reuse_port or None)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         "port": getattr(args, "port", None),
         "amqp_url": getattr(args, "amqp_url", None),
         "routing_file": getattr(args, "routing", None),
+        "processes": getattr(args, "processes", None),
     }
     return load_settings(args.config, overrides=overrides)
 
@@ -50,7 +51,13 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 async def _serve(
-    settings: Settings, *, ingress: bool, worker: bool, metrics_port: int | None = None, metrics_host: str | None = None
+    settings: Settings,
+    *,
+    ingress: bool,
+    worker: bool,
+    metrics_port: int | None = None,
+    metrics_host: str | None = None,
+    reuse_port: bool = False,
 ) -> None:
     from aiohttp import web
 
@@ -77,7 +84,10 @@ async def _serve(
         if ingress:
             runner = web.AppRunner(create_app(gw), handle_signals=False)
             await runner.setup()
-            await web.TCPSite(runner, settings.host, settings.port, ssl_context=_ssl_context(settings)).start()
+            site = web.TCPSite(
+                runner, settings.host, settings.port, ssl_context=_ssl_context(settings), reuse_port=reuse_port or None
+            )
+            await site.start()
             print(f"nswgw listening on {settings.host}:{settings.port}", file=sys.stderr)
         await stop.wait()
     finally:
@@ -102,22 +112,37 @@ def _ssl_context(settings: Settings) -> Any:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    asyncio.run(_serve(_settings(args), ingress=True, worker=False, **_metrics_options(args)))
-    return EXIT_OK
+    return _service(args, ingress=True, worker=False)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    asyncio.run(_serve(_settings(args), ingress=False, worker=True, **_metrics_options(args)))
-    return EXIT_OK
+    return _service(args, ingress=False, worker=True)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    asyncio.run(_serve(_settings(args), ingress=True, worker=True, **_metrics_options(args)))
+    return _service(args, ingress=True, worker=True)
+
+
+def _service(args: argparse.Namespace, *, ingress: bool, worker: bool) -> int:
+    settings = _settings(args)
+    if args.child is None and settings.processes > 1:
+        from gateway.supervisor import Supervisor
+
+        if ingress and settings.port == 0:
+            raise ConfigError("--processes > 1 shares one listening port: give a fixed --port, not 0")
+        return Supervisor(args.argv, settings.processes).run()
+    metrics_port = args.metrics_port + (args.child or 0) if args.metrics_port is not None else None
+    asyncio.run(
+        _serve(
+            settings,
+            ingress=ingress,
+            worker=worker,
+            metrics_port=metrics_port,
+            metrics_host=args.metrics_host,
+            reuse_port=args.child is not None,
+        )
+    )
     return EXIT_OK
-
-
-def _metrics_options(args: argparse.Namespace) -> dict[str, Any]:
-    return {"metrics_port": args.metrics_port, "metrics_host": args.metrics_host}
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -394,6 +419,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--port", type=int)
         p.add_argument("--metrics-port", type=int, help="also serve /metrics on this port (e.g. for a worker)")
         p.add_argument("--metrics-host", help="address for --metrics-port (default: the --host setting)")
+        p.add_argument(
+            "--processes",
+            type=int,
+            help="run this many copies sharing the port, one per core (setting `processes`; default 1); "
+            "process I serves its metrics on --metrics-port + I",
+        )
+        p.add_argument("--child", type=int, help=argparse.SUPPRESS)  # set by the supervisor
         p.set_defaults(func=func)
 
     p = sub.add_parser("demo", help="the whole path on the embedded default")
@@ -470,7 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the supervisor starts its children with the same arguments
     configure_logging("console" if args.command in {"demo"} else "json", "info")
     try:
         return int(args.func(args))

@@ -43,6 +43,7 @@ class Settings:
     rate_per_party: float = 500.0  # messages per second per party (token bucket)
     rate_burst: float = 1000.0
     prefetch: int = 16
+    processes: int = 1  # `nswgw run|serve|worker`: this many processes sharing the port (one per core)
     retry_tiers: tuple[float, ...] = (5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0)
     lease_seconds: float = 60.0
     sqlite_synchronous: str = "FULL"
