@@ -1,5 +1,6 @@
-"""The HTTP push adapter: respx for the httpx client's unit behaviour; real loopback servers for the
-aiohttp client, refused connections and mutual TLS. Also the adapter registry."""
+"""The HTTP push adapter: one behaviour suite run against both HTTP clients (aiohttp, the default,
+and httpx) on real loopback agencies; respx for the httpx client's transport-error mapping; mutual
+TLS; the environment's proxy. Also the adapter options and registry."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from adapters.base import Adapter, DeliveryReceipt
 from adapters.file import FileAdapter
-from adapters.http import HTTP_CLIENTS, AiohttpClient, HttpAdapter, parse_retry_after
+from adapters.http import HTTP_CLIENTS, AiohttpClient, HttpAdapter, HttpxClient, parse_retry_after
 from adapters.registry import ADAPTER_KINDS, build_adapter, register_adapter_kind
 from gateway.errors import ConfigError, PermanentFailure, TransientFailure
 from gateway.model import Delivery
@@ -49,9 +50,14 @@ def delivery(**changes: Any) -> Delivery:
     return Delivery(**(fields | changes))
 
 
+# -- the httpx client under respx: its exceptions map onto the failure codes ------------------------
+
+
 @pytest.fixture
 async def adapter() -> AsyncIterator[HttpAdapter]:
-    a = HttpAdapter("moit-licensing", URL, headers={"Authorization": "Bearer t", "Idempotency-Key": "forged"})
+    a = HttpAdapter(
+        "moit-licensing", URL, headers={"Authorization": "Bearer t", "Idempotency-Key": "forged"}, client=HttpxClient
+    )
     yield a
     await a.close()
 
@@ -159,7 +165,7 @@ async def test_a_hanging_answer_hits_the_request_deadline(agency: respx.MockRout
         return httpx.Response(200)
 
     agency.post(URL).mock(side_effect=hang)
-    slow = HttpAdapter("slow", URL, timeout=0.05)
+    slow = HttpAdapter("slow", URL, timeout=0.05, client=HttpxClient)
     try:
         with pytest.raises(TransientFailure) as caught:
             await slow.deliver(delivery())
@@ -168,37 +174,7 @@ async def test_a_hanging_answer_hits_the_request_deadline(agency: respx.MockRout
     assert caught.value.code == "TIMEOUT"
 
 
-async def test_in_flight_requests_are_bounded(agency: respx.MockRouter) -> None:
-    bound = 3
-    in_flight = 0
-    peak = 0
-    full = asyncio.Event()
-    release = asyncio.Event()
-
-    async def count(request: httpx.Request) -> httpx.Response:
-        nonlocal in_flight, peak
-        in_flight += 1
-        peak = max(peak, in_flight)
-        if in_flight == bound:
-            full.set()
-        await release.wait()
-        in_flight -= 1
-        return httpx.Response(200)
-
-    agency.post(URL).mock(side_effect=count)
-    bounded = HttpAdapter("bounded", URL, max_in_flight=bound)
-    try:
-        tasks = [asyncio.create_task(bounded.deliver(delivery(message_id=f"m{i}"))) for i in range(10)]
-        await full.wait()
-        release.set()
-        receipts = await asyncio.gather(*tasks)
-    finally:
-        await bounded.close()
-    assert peak == bound
-    assert [r.status for r in receipts] == [200] * 10
-
-
-# -- real loopback servers: refused connections, the aiohttp client, mutual TLS ----------------------
+# -- real loopback servers, each client: refused connections, the shared behaviour suite, mutual TLS ---
 
 
 def free_port() -> int:
@@ -240,35 +216,189 @@ async def serve() -> AsyncIterator[ServerFactory]:
         await server.close()
 
 
-async def test_aiohttp_client_behaves_like_httpx(serve: ServerFactory) -> None:
-    seen: list[tuple[bytes, dict[str, str]]] = []
-    answers = [
-        web.Response(status=503, headers={"Retry-After": "7"}),
-        web.Response(status=400, text="no"),
-        web.Response(status=200, text="ok"),
-    ]
+# -- both clients against a real loopback agency: the same behaviour, whichever is configured --------
 
-    async def inbox(request: web.Request) -> web.Response:
-        seen.append((await request.read(), dict(request.headers)))
-        return answers.pop(0)
 
-    server = await serve(inbox)
-    a = HttpAdapter("a", str(server.make_url("/inbox")), client=AiohttpClient)
-    try:
-        with pytest.raises(RetryAfterFailure) as throttled:
-            await a.deliver(delivery())
-        with pytest.raises(PermanentFailure) as refused:
-            await a.deliver(delivery())
-        receipt = await a.deliver(delivery())
-    finally:
+@dataclass
+class Seen:
+    body: bytes
+    headers: dict[str, str]
+    peer_port: int
+
+
+class Agency:
+    """A loopback agency whose answers the test chooses; records what it was sent, and from which port."""
+
+    def __init__(self, answer: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> None:
+        self.answer = answer
+        self.seen: list[Seen] = []
+        self.url = ""
+
+    async def inbox(self, request: web.Request) -> web.StreamResponse:
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        self.seen.append(Seen(await request.read(), dict(request.headers), peer[1] if peer else 0))
+        return await self.answer(request)
+
+
+@pytest.fixture(params=sorted(HTTP_CLIENTS))
+def client(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+async def loopback(
+    serve: ServerFactory, client: str
+) -> AsyncIterator[Callable[..., Awaitable[tuple[Agency, HttpAdapter]]]]:
+    adapters: list[HttpAdapter] = []
+
+    async def start(
+        answer: Callable[[web.Request], Awaitable[web.StreamResponse]], **options: Any
+    ) -> tuple[Agency, HttpAdapter]:
+        agency = Agency(answer)
+        server = await serve(agency.inbox)
+        agency.url = str(server.make_url("/inbox"))
+        a = build_adapter("moit-licensing", "http", {"url": agency.url, "client": client, **options}, base_dir=Path())
+        assert isinstance(a, HttpAdapter)
+        adapters.append(a)
+        return agency, a
+
+    yield start
+    for a in adapters:
         await a.close()
-    assert throttled.value.retry_after == 7.0
-    assert refused.value.code == "HTTP_400"
-    assert receipt == DeliveryReceipt(status=200, detail="ok")
-    body, headers = seen[0]
-    assert body == PAYLOAD
-    assert headers["Idempotency-Key"] == delivery().idempotency_key
-    assert headers["Content-Type"] == "application/xml"
+
+
+def answering(status: int = 200, text: str = "", headers: dict[str, str] | None = None) -> Any:
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(status=status, text=text, headers=headers)
+
+    return answer
+
+
+async def test_default_client_is_aiohttp(tmp_path: Path) -> None:
+    default = build_adapter("moit", "http", {"url": URL}, base_dir=tmp_path)
+    chosen = build_adapter("moit", "http", {"url": URL, "client": "httpx"}, base_dir=tmp_path)
+    assert isinstance(default, HttpAdapter)
+    assert isinstance(chosen, HttpAdapter)
+    assert (default.client_factory, chosen.client_factory) == (AiohttpClient, HttpxClient)
+    assert HttpAdapter("moit", URL).client_factory is AiohttpClient
+
+
+async def test_loopback_posts_the_exact_bytes_with_delivery_headers(loopback: Any) -> None:
+    agency, a = await loopback(answering(202, "accepted as AG-42"), headers={"Authorization": "Bearer t"})
+    d = delivery()
+    assert await a.deliver(d) == DeliveryReceipt(status=202, detail="accepted as AG-42")
+    [seen] = agency.seen
+    assert seen.body == PAYLOAD
+    assert seen.headers["Content-Type"] == "application/xml"
+    assert seen.headers["Idempotency-Key"] == d.idempotency_key
+    assert seen.headers["X-NSW-Message-Id"] == d.message_id
+    assert seen.headers["X-NSW-Attempt"] == "2"
+    assert seen.headers["X-NSW-Sender"] == "VN-MOIT"
+    assert seen.headers["X-NSW-Digest"] == f"sha-256={d.digest}"
+    assert seen.headers["Authorization"] == "Bearer t"
+
+
+@pytest.mark.parametrize("status", [408, 429, 500, 503])
+async def test_loopback_retryable_statuses_are_transient(loopback: Any, status: int) -> None:
+    _, a = await loopback(answering(status, "try later"))
+    with pytest.raises(TransientFailure) as caught:
+        await a.deliver(delivery())
+    assert (caught.value.code, retry_after_of(caught.value)) == (f"HTTP_{status}", None)
+    assert "try later" in caught.value.detail
+
+
+@pytest.mark.parametrize("status", [400, 404, 409, 301])
+async def test_loopback_other_statuses_are_permanent(loopback: Any, status: int) -> None:
+    _, a = await loopback(answering(status, "<error>field X missing</error>", {"Location": "/elsewhere"}))
+    with pytest.raises(PermanentFailure) as caught:
+        await a.deliver(delivery())
+    assert caught.value.code == f"HTTP_{status}"
+    assert "<error>field X missing</error>" in caught.value.detail
+
+
+@pytest.mark.parametrize(("status", "value"), [(429, "120"), (503, "Fri, 01 Jan 2100 00:00:00 GMT")])
+async def test_loopback_retry_after_is_passed_on(loopback: Any, status: int, value: str) -> None:
+    _, a = await loopback(answering(status, headers={"Retry-After": value}))
+    with pytest.raises(RetryAfterFailure) as caught:
+        await a.deliver(delivery())
+    expected = parse_retry_after(value)
+    assert caught.value.code == f"HTTP_{status}"
+    assert expected is not None
+    assert caught.value.retry_after == pytest.approx(expected, abs=60)
+
+
+async def test_loopback_a_hanging_agency_times_out(loopback: Any) -> None:
+    never = asyncio.Event()
+
+    async def hang(request: web.Request) -> web.Response:
+        await never.wait()
+        return web.Response()
+
+    _, a = await loopback(hang, timeout=0.2)
+    with pytest.raises(TransientFailure) as caught:
+        await a.deliver(delivery())
+    assert caught.value.code == "TIMEOUT"
+
+
+async def test_loopback_connections_are_reused(loopback: Any) -> None:
+    agency, a = await loopback(answering(200, "ok" * 20_000))  # a long answer, under the read limit
+    receipts = [await a.deliver(delivery(message_id=f"m{i}")) for i in range(5)]
+    assert [r.detail for r in receipts] == ["ok" * 100] * 5
+    assert len({seen.peer_port for seen in agency.seen}) == 1
+
+
+async def test_loopback_in_flight_requests_are_bounded(loopback: Any) -> None:
+    bound, in_flight, peak = 3, 0, 0
+    full, release = asyncio.Event(), asyncio.Event()
+
+    async def count(request: web.Request) -> web.Response:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        if in_flight == bound:
+            full.set()
+        await release.wait()
+        in_flight -= 1
+        return web.Response()
+
+    _, a = await loopback(count, max_in_flight=bound)
+    tasks = [asyncio.create_task(a.deliver(delivery(message_id=f"m{i}"))) for i in range(10)]
+    await full.wait()
+    release.set()
+    receipts = await asyncio.gather(*tasks)
+    assert peak == bound
+    assert [r.status for r in receipts] == [200] * 10
+
+
+async def test_the_environment_proxy_is_used_unless_exempted(
+    serve: ServerFactory, client: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    proxied: list[str] = []
+
+    async def proxy(request: web.Request) -> web.Response:  # a forward proxy sees the absolute URL
+        proxied.append(f"{request.host} {request.path}")
+        return web.Response(text="via proxy")
+
+    server = await serve(proxy)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{server.port}")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("http_proxy", raising=False)
+    via = HttpAdapter("moit", "http://agency.invalid/inbox", client=HTTP_CLIENTS[client])
+    try:
+        assert (await via.deliver(delivery())).detail == "via proxy"
+    finally:
+        await via.close()
+    assert proxied == ["agency.invalid /inbox"]
+
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")  # nothing listens: must not be used
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    direct = HttpAdapter("moit", f"http://127.0.0.1:{server.port}/inbox", client=HTTP_CLIENTS[client])
+    try:
+        assert (await direct.deliver(delivery())).detail == "via proxy"
+    finally:
+        await direct.close()
+    assert proxied[-1] == f"127.0.0.1:{server.port} /inbox"
 
 
 @dataclass(frozen=True)
