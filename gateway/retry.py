@@ -158,9 +158,35 @@ async def deliver_with_retries(
     breaker opens mid-way, ``PermanentFailure`` at once, and ``AdapterError`` for any other exception
     from the adapter. Exceptions from ``before_first_attempt`` propagate unchanged.
     """
-    last: TransientFailure | None = None
+    if not breaker.allow():
+        raise CircuitOpen(breaker.retry_in())
+    if before_first_attempt is not None:
+        try:
+            await before_first_attempt()
+        except BaseException:
+            breaker.release()
+            raise
+    try:
+        return await _attempt(adapter, delivery, breaker)
+    except TransientFailure as failure:
+        if policy.in_process_attempts <= 1 or not _retry_in_process(failure):
+            raise
+        first = failure
+    return await _retry(adapter, delivery, policy, breaker, first)
+
+
+async def _retry(
+    adapter: Adapter, delivery: Delivery, policy: RetryPolicy, breaker: CircuitBreaker, first: TransientFailure
+) -> DeliveryReceipt:
+    """Attempts 2.. after the first one failed with ``first``, driven by tenacity.
+
+    The first attempt is made without tenacity (most deliveries succeed at once, and building the
+    retrying machinery costs more than the attempt's own bookkeeping); it is replayed to tenacity as
+    its attempt 1, so the waits and the stop conditions count exactly as if tenacity had made it.
+    """
+    last = first
     retrying = AsyncRetrying(
-        stop=stop_after_attempt(max(1, policy.in_process_attempts)) | _stop_unless_closed(breaker),
+        stop=stop_after_attempt(policy.in_process_attempts) | _stop_unless_closed(breaker),
         wait=wait_exponential_jitter(
             multiplier=policy.in_process_wait, jitter=policy.in_process_wait, max=policy.in_process_wait * 16
         ),
@@ -169,21 +195,16 @@ async def deliver_with_retries(
     )
     async for attempt in retrying:
         with attempt:
+            if attempt.retry_state.attempt_number == 1:
+                raise first
             if not breaker.allow():
                 # Opened by other deliveries while we waited: report what this delivery last saw.
-                raise last if last is not None else CircuitOpen(breaker.retry_in())
-            if attempt.retry_state.attempt_number == 1 and before_first_attempt is not None:
-                try:
-                    await before_first_attempt()
-                except BaseException:
-                    breaker.release()
-                    raise
+                raise last
             try:
-                receipt = await _attempt(adapter, delivery, breaker)
+                return await _attempt(adapter, delivery, breaker)
             except TransientFailure as failure:
                 last = failure
                 raise
-            return receipt
     raise AssertionError("unreachable: tenacity either returns, reraises or keeps iterating")
 
 

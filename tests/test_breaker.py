@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 
@@ -152,6 +153,26 @@ async def test_gives_up_after_in_process_attempts_with_the_last_failure(clock: C
         await deliver_with_retries(adapter, delivery(), FAST, breaker(clock, threshold=5))
     assert caught.value.code == "TIMEOUT"
     assert adapter.calls == 3
+
+
+async def test_a_single_in_process_attempt_is_not_retried(clock: Clock) -> None:
+    adapter = ScriptedAdapter(busy())
+    with pytest.raises(TransientFailure) as caught:
+        await deliver_with_retries(adapter, delivery(), replace(FAST, in_process_attempts=1), breaker(clock))
+    assert caught.value.code == "HTTP_503"
+    assert adapter.calls == 1
+
+
+async def test_a_failed_probe_is_not_retried_in_process(clock: Clock) -> None:
+    b = breaker(clock, threshold=1)
+    b.record_failure()
+    clock.now += 30  # half-open: this delivery is the probe
+    adapter = ScriptedAdapter(busy(), busy())
+    with pytest.raises(TransientFailure) as caught:
+        await deliver_with_retries(adapter, delivery(), FAST, b)
+    assert not isinstance(caught.value, CircuitOpen)
+    assert adapter.calls == 1
+    assert b.state is BreakerState.OPEN
 
 
 async def test_permanent_failure_is_not_retried_and_not_a_breaker_failure(clock: Clock) -> None:
