@@ -189,6 +189,20 @@ def client_ssl_context(ca: Path | None, client_cert: Path | None, client_key: Pa
     return context
 
 
+_DELIVERY_HEADERS = frozenset(
+    name.lower()
+    for name in (
+        "Content-Type",
+        "Idempotency-Key",
+        "X-NSW-Message-Id",
+        "X-NSW-Attempt",
+        "X-NSW-Document-Type",
+        "X-NSW-Sender",
+        "X-NSW-Digest",
+    )
+)  # what request_headers sets for every delivery
+
+
 def _is_transient(status: int) -> bool:
     return status in (408, 425, 429) or status >= 500
 
@@ -226,7 +240,8 @@ class HttpAdapter:
         self.client_factory = client
         self._client: HttpClient | None = None
         self._slots = asyncio.Semaphore(max_in_flight)
-        self._static_headers = dict(headers or {})
+        # Configured headers never override ours (a forged Idempotency-Key would defeat deduplication).
+        self._static_headers = {k: v for k, v in (headers or {}).items() if k.lower() not in _DELIVERY_HEADERS}
 
     @classmethod
     def from_options(cls, name: str, options: Mapping[str, Any], base_dir: Path) -> HttpAdapter:
@@ -264,7 +279,8 @@ class HttpAdapter:
             raise opts.error("ca/client_cert/client_key", f"could not be loaded for TLS: {exc}") from exc
 
     def request_headers(self, delivery: Delivery) -> dict[str, str]:
-        ours = {
+        return {
+            **self._static_headers,
             "Content-Type": "application/xml",
             "Idempotency-Key": delivery.idempotency_key,
             "X-NSW-Message-Id": delivery.message_id,
@@ -273,9 +289,6 @@ class HttpAdapter:
             "X-NSW-Sender": delivery.sender,
             "X-NSW-Digest": f"sha-256={delivery.digest}",
         }
-        taken = {key.lower() for key in ours}
-        static = {k: v for k, v in self._static_headers.items() if k.lower() not in taken}
-        return static | ours
 
     async def deliver(self, delivery: Delivery) -> DeliveryReceipt:
         if self._client is None:

@@ -533,6 +533,13 @@ def test_from_options_reads_every_option(tmp_path: Path) -> None:
     assert a.request_headers(delivery())["X-Api-Key"] == "k"
 
 
+def test_configured_headers_never_replace_the_delivery_headers() -> None:
+    ours = HttpAdapter("moit", URL).request_headers(delivery())
+    forged = {name.upper(): "forged" for name in ours}
+    sent = HttpAdapter("moit", URL, headers={**forged, "X-Api-Key": "k"}).request_headers(delivery())
+    assert sent == {**ours, "X-Api-Key": "k"}
+
+
 @pytest.mark.parametrize(
     ("options", "fragment"),
     [
