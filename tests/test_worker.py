@@ -36,12 +36,14 @@ from gateway.brokers.base import (
 )
 from gateway.brokers.embedded import EmbeddedBroker
 from gateway.errors import BrokerUnavailable, ConfigError
-from gateway.events import Event, ListRecorder
+from gateway.events import Event, ListRecorder, Recorder
 from gateway.model import Delivery, State
 from gateway.policy import BreakerPolicy, RetryPolicy
+from gateway.stores.sqlite import SqliteLedger
 from gateway.worker import Worker
 
 GUARD = 15.0  # seconds: only to turn a hang into a failure, never part of an assertion
+LONG = 4 * GUARD  # announce_after that no attempt in these tests reaches
 TIERS = (0.05, 0.1, 0.2)
 QUICK = RetryPolicy(in_process_attempts=1, in_process_wait=0.01, tiers=TIERS, max_attempts=10)
 STEADY = BreakerPolicy(failure_threshold=100, reset_after=60.0)
@@ -155,17 +157,28 @@ class MemoryBroker:
 
 
 class WatchingRecorder(ListRecorder):
-    def __init__(self) -> None:
+    """Keeps every event, and every write as the list of its states (``writes``); ``inner`` (a real
+    ledger) records them too. ``fail`` makes a write fail, all or none, as a ledger's would."""
+
+    def __init__(self, inner: Recorder | None = None) -> None:
         super().__init__()
         self._changed = asyncio.Condition()
+        self.inner = inner
+        self.writes: list[list[State]] = []
+        self.failed: list[list[Event]] = []
         self.fail: Callable[[Event], bool] = lambda e: False
         self.after: Callable[[Event], Awaitable[None]] | None = None
 
     async def record(self, events: Sequence[Event]) -> None:
-        for event in events:
-            if self.fail(event):
-                raise BrokerUnavailable("status store down (test)")
+        if any(self.fail(event) for event in events):
+            self.failed.append(list(events))
+            async with self._changed:
+                self._changed.notify_all()
+            raise BrokerUnavailable("status store down (test)")
+        if self.inner is not None:
+            await self.inner.record(events)
         await super().record(events)
+        self.writes.append([e.state for e in events])
         if self.after is not None:
             for event in events:
                 await self.after(event)
@@ -175,6 +188,10 @@ class WatchingRecorder(ListRecorder):
     async def wait_for(self, predicate: Callable[[list[Event]], bool]) -> None:
         async with asyncio.timeout(GUARD), self._changed:
             await self._changed.wait_for(lambda: predicate(self.events))
+
+    async def wait_failed(self) -> None:
+        async with asyncio.timeout(GUARD), self._changed:
+            await self._changed.wait_for(lambda: bool(self.failed))
 
     async def wait_state(self, message_id: str, state: State, count: int = 1) -> None:
         await self.wait_for(lambda events: len(self.of(message_id, state)) >= count)
@@ -287,9 +304,9 @@ _ids = itertools.count(1)
 
 
 @contextlib.asynccontextmanager
-async def open_rig(broker: Any) -> AsyncIterator[Rig]:
+async def open_rig(broker: Any, recorder: WatchingRecorder | None = None) -> AsyncIterator[Rig]:
     await broker.start()
-    r = Rig(broker, WatchingRecorder(), {}, [], [0.0])
+    r = Rig(broker, recorder or WatchingRecorder(), {}, [], [0.0])
     try:
         yield r
     finally:
@@ -452,35 +469,97 @@ async def test_old_messages_are_dead_even_with_attempts_left(rig: Rig) -> None:
 
 async def test_recorder_failure_means_not_acked(rig: Rig) -> None:
     agency = await rig.agency("moit")
-    failed: list[Event] = []
-
-    def first_delivered_fails(event: Event) -> bool:
-        if event.state is State.DELIVERED and not failed:
-            failed.append(event)
-            return True
-        return False
-
-    rig.recorder.fail = first_delivered_fails
-    await rig.worker().start()
+    rig.recorder.fail = lambda e: e.state is State.DELIVERED and not rig.recorder.failed
+    await rig.worker(announce_after=LONG).start()
     d = await rig.send("moit")
     await rig.recorder.wait_state(d.message_id, State.DELIVERED)
-    # Taken by the agency, but not audited: the broker redelivered, the agency dedupes by key.
+    # Taken by the agency, but its attempt and outcome were not recorded (one write, all or none):
+    # the broker redelivered, the agency dedupes by key, the audit shows the attempt that counted.
     assert agency.keys() == [d.idempotency_key] * 2
-    assert rig.recorder.states(d.message_id) == [State.DELIVERING, State.DELIVERING, State.DELIVERED]
-    assert [e.attempt for e in rig.recorder.of(d.message_id)] == [1, 1, 1]
+    assert [[e.state for e in write] for write in rig.recorder.failed] == [[State.DELIVERING, State.DELIVERED]]
+    assert rig.recorder.states(d.message_id) == [State.DELIVERING, State.DELIVERED]
+    assert [e.attempt for e in rig.recorder.of(d.message_id)] == [1, 1]
 
 
-async def test_recorder_failure_is_redelivered_not_acked(memory_rig: Rig) -> None:
-    rig = memory_rig
-    await rig.agency("moit")
-    rig.recorder.fail = lambda e: e.state is State.DELIVERING and not rig.broker.handler_errors
-    await rig.worker().start()
+async def test_a_quick_attempt_is_recorded_with_its_outcome_in_one_write(rig: Rig) -> None:
+    await rig.agency("moit", Agency(statuses=[503], default=400))
+    await rig.agency("customs")
+    await rig.worker(announce_after=LONG).start()
+    refused, delivered = await rig.send("moit"), await rig.send("customs")
+    await rig.recorder.wait_state(refused.message_id, State.DEAD)
+    await rig.recorder.wait_state(delivered.message_id, State.DELIVERED)
+    assert sorted(rig.recorder.writes) == sorted(
+        [[State.DELIVERING, State.RETRY_WAIT], [State.DELIVERING, State.DEAD], [State.DELIVERING, State.DELIVERED]]
+    )
+    started, done = rig.recorder.of(delivered.message_id)
+    assert started.at <= done.at  # DELIVERING keeps the time the attempt started
+
+
+async def test_a_slow_attempt_is_announced_before_its_outcome(rig: Rig) -> None:
+    agency = await rig.agency("moit", Agency(gate=asyncio.Event()))
+    await rig.worker(announce_after=0.01).start()
     d = await rig.send("moit")
+    await rig.recorder.wait_state(d.message_id, State.DELIVERING)
+    assert rig.recorder.writes == [[State.DELIVERING]]  # recorded while the agency still holds the request
+    assert len(agency.requests) == 1
+    assert agency.gate is not None
+    agency.gate.set()
+    await rig.recorder.wait_state(d.message_id, State.DELIVERED)
+    assert rig.recorder.writes == [[State.DELIVERING], [State.DELIVERED]]
+
+
+async def test_a_failed_announcement_means_not_acked(memory_rig: Rig) -> None:
+    rig = memory_rig
+    agency = await rig.agency("moit", Agency(gate=asyncio.Event()))
+    rig.recorder.fail = lambda e: e.state is State.DELIVERING and not rig.recorder.failed
+    await rig.worker(announce_after=0.01).start()
+    d = await rig.send("moit")
+    await rig.recorder.wait_failed()
+    assert agency.gate is not None
+    agency.gate.set()  # the attempt succeeds, but it was not audited as started: no ack
     await rig.recorder.wait_state(d.message_id, State.DELIVERED)
     assert [(x.message_id, type(e)) for x, e in rig.broker.handler_errors] == [(d.message_id, BrokerUnavailable)]
     await rig.workers[0].stop()
     assert [type(o) for _, o in rig.broker.outcomes] == [Ack]
-    assert len(rig.agencies["moit"].requests) == 1  # the failed audit came before the attempt
+    assert agency.keys() == [d.idempotency_key] * 2
+    assert rig.recorder.states(d.message_id) == [State.DELIVERING, State.DELIVERED]
+
+
+async def test_status_and_audit_trace_stay_coherent(tmp_path: Path) -> None:
+    ledger = SqliteLedger(tmp_path / "ledger.sqlite3", synchronous="NORMAL")
+    await ledger.open()
+    try:
+        async with open_rig(MemoryBroker(), WatchingRecorder(ledger)) as rig:
+            slow = await rig.agency("slow", Agency(gate=asyncio.Event()))
+            await rig.agency("fast", Agency(statuses=[503]))
+            quick, held = await rig.send("fast"), await rig.send("slow")
+            for d in (quick, held):  # as the ingress leaves them: accepted, queued for their destination
+                await ledger.claim(d.message_id, d.sender, d.digest, d.document_type, [])
+                await ledger.accept(d.message_id, b"<receipt/>", [d.destination], [])
+            await rig.worker(announce_after=0.01).start()
+            await rig.recorder.wait_state(held.message_id, State.DELIVERING)
+            status = await ledger.status(held.message_id)
+            assert status is not None
+            assert status.destinations["slow"].state is State.DELIVERING  # while the agency holds it
+            assert slow.gate is not None
+            slow.gate.set()
+            for d in (quick, held):
+                await rig.recorder.wait_state(d.message_id, State.DELIVERED)
+        expected = {
+            quick.message_id: [("DELIVERING", 1), ("RETRY_WAIT", 1), ("DELIVERING", 2), ("DELIVERED", 2)],
+            held.message_id: [("DELIVERING", 1), ("DELIVERED", 1)],
+        }
+        for d in (quick, held):
+            trace = await ledger.trace(d.message_id)
+            assert [(r.event, r.attempt) for r in trace] == expected[d.message_id]
+            assert [r.at for r in trace] == sorted(r.at for r in trace)
+            status = await ledger.status(d.message_id)
+            assert status is not None
+            final = status.destinations[d.destination]
+            assert (final.state, final.attempt) == (State.DELIVERED, expected[d.message_id][-1][1])
+        assert (await ledger.verify_audit()).ok
+    finally:
+        await ledger.close()
 
 
 async def test_retry_after_lengthens_the_delay(memory_rig: Rig) -> None:
