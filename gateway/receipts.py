@@ -67,7 +67,7 @@ class ReceiptFactory:
         envelope = build_envelope(
             self._header(RECEIPT_TYPE, RECEIPT_FUNCTION, header.sender, header.message_id, digest), doc
         )
-        return to_bytes(self.signer.sign_envelope(envelope))
+        return to_bytes(self.signer.sign_envelope(envelope, copy=False))
 
     def rejection(
         self,
@@ -96,4 +96,4 @@ class ReceiptFactory:
             else UNKNOWN_PARTY
         )
         header = self._header(REJECTION_TYPE, REJECTION_FUNCTION, to, message_id, digest)
-        return to_bytes(self.signer.sign_envelope(build_envelope(header, doc)))
+        return to_bytes(self.signer.sign_envelope(build_envelope(header, doc), copy=False))

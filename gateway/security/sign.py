@@ -2,19 +2,38 @@
 
 Keys and certificates are loaded once (``Signer.from_files``) and reused: reloading a key per
 message is one of the costs that make naive gateways slow.
+
+The SystemSignature is on the hot path (every receipt and rejection, every forward to a peer), so it
+does not go through ``XMLSigner.sign`` each time: that serialises and re-parses the envelope three times
+and rebuilds the same Signature element for every message. ``_SystemSignatureTemplate`` keeps the
+Signature that stock signxml produced once for this signer (its KeyInfo never changes) and per envelope
+fills in the two values that do change, computed with signxml's own c14n and digest. The output is
+byte-identical to ``XMLSigner.sign`` (``tests/security/test_sign_differential.py`` holds it to that).
+Shapes that signxml would treat specially (a signature placeholder, an Id on the root) and the legacy
+SHA-1 partner tool still take the stock path, as does ``sign_content``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from base64 import b64encode
+from collections.abc import Sequence
+from copy import deepcopy
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.padding import PKCS1v15
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from lxml import etree
-from signxml.algorithms import CanonicalizationMethod, DigestAlgorithm, SignatureMethod
+from signxml.algorithms import (
+    CanonicalizationMethod,
+    DigestAlgorithm,
+    SignatureMethod,
+    digest_algorithm_implementations,
+)
 from signxml.signer import XMLSigner
 
 from gateway.envelope import BODY, CONTENT, CONTENT_ID, DS, SIGNATURE
@@ -49,6 +68,66 @@ class _DeterministicEcKey:
         return getattr(self._key, name)
 
 
+def _signxml_key(key: PrivateKey) -> Any:
+    """The key as signxml gets it: ECDSA keys sign with RFC 6979 nonces."""
+    return _DeterministicEcKey(key) if isinstance(key, ec.EllipticCurvePrivateKey) else key
+
+
+def _digest_value(signature: etree._Element) -> etree._Element:
+    return signature[0][2][2]  # SignedInfo / Reference / DigestValue
+
+
+def _value(signature: etree._Element) -> etree._Element:
+    return signature[1]  # SignatureValue
+
+
+class _SystemSignatureTemplate:
+    """What ``XMLSigner.sign`` builds for this signer's enveloped signatures, built once.
+
+    For an envelope (a document root without an Id, so the Reference URI is "") signxml's Signature
+    differs between messages only in DigestValue and SignatureValue. The template is the ds:Signature of
+    a stock signature over an empty, namespace-free element (so it carries no inherited namespace
+    declarations); ``sign`` repeats signxml's steps on the envelope itself.
+    """
+
+    __slots__ = ("_hash", "_key", "_signature", "_signer")
+
+    def __init__(self, signer: XMLSigner, key: PrivateKey, chain: Sequence[x509.Certificate]) -> None:
+        stock = signer.sign(etree.Element("template"), key=_signxml_key(key), cert=list(chain))
+        signature = stock[0]
+        stock.remove(signature)
+        # sign() fills these by position; a signxml that builds the Signature differently fails here
+        if _digest_value(signature).tag != f"{{{DS}}}DigestValue" or _value(signature).tag != f"{{{DS}}}SignatureValue":
+            raise RuntimeError("signxml's Signature layout changed: the SystemSignature template no longer fits")
+        _digest_value(signature).text = None
+        _value(signature).text = None
+        self._signer = signer
+        self._key = key
+        self._signature = signature
+        self._hash = digest_algorithm_implementations[signer.sign_alg]
+
+    def sign(self, envelope: etree._Element) -> etree._Element:
+        """Append the signature to ``envelope`` (a document root without a SystemSignature) and return it."""
+        signer = self._signer
+        digest = signer._get_digest(signer._c14n(envelope, algorithm=signer.c14n_alg), algorithm=signer.digest_alg)
+        signature = deepcopy(self._signature)
+        _digest_value(signature).text = b64encode(digest).decode()
+        envelope.append(signature)
+        signed_info = signer._c14n(signature[0], algorithm=signer.c14n_alg)
+        _value(signature).text = b64encode(self._signature_value(signed_info)).decode()
+        return envelope
+
+    def _signature_value(self, signed_info: bytes) -> bytes:
+        """What ``XMLSigner.sign`` signs with: PKCS#1 v1.5 for RSA; for ECDSA (RFC 6979 nonces) the
+        fixed-size r || s that XML-DSig wants, not the DER sequence cryptography returns."""
+        hash_algorithm = self._hash()
+        if isinstance(self._key, rsa.RSAPrivateKey):
+            return self._key.sign(signed_info, PKCS1v15(), hash_algorithm)
+        r, s = decode_dss_signature(_DeterministicEcKey(self._key).sign(signed_info, ec.ECDSA(hash_algorithm)))
+        size = (self._key.key_size + 7) // 8
+        return r.to_bytes(size, "big") + s.to_bytes(size, "big")
+
+
 def load_private_key(path: Path) -> PrivateKey:
     key = load_pem_private_key(path.read_bytes(), password=None)
     if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
@@ -73,6 +152,12 @@ class Signer:
     key: PrivateKey
     chain: tuple[x509.Certificate, ...]  # leaf first
     legacy_sha1: bool = False
+    # None for legacy SHA-1: that partner tool stays on the stock signxml path
+    _template: _SystemSignatureTemplate | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        template = None if self.legacy_sha1 else _SystemSignatureTemplate(self._signer(), self.key, self.chain)
+        object.__setattr__(self, "_template", template)
 
     @classmethod
     def from_files(cls, key_path: Path, cert_path: Path, *, legacy_sha1: bool = False) -> Signer:
@@ -84,7 +169,7 @@ class Signer:
 
     @property
     def _signing_key(self) -> Any:
-        return _DeterministicEcKey(self.key) if isinstance(self.key, ec.EllipticCurvePrivateKey) else self.key
+        return _signxml_key(self.key)
 
     def _signer(self) -> XMLSigner:
         if self.legacy_sha1:
@@ -104,15 +189,25 @@ class Signer:
             signature_algorithm=algorithm, digest_algorithm=DigestAlgorithm.SHA256, c14n_algorithm=EXC_C14N
         )
 
-    def sign_envelope(self, envelope: etree._Element) -> etree._Element:
-        """Return a copy of ``envelope`` carrying an enveloped SystemSignature over the whole Envelope.
+    def sign_envelope(self, envelope: etree._Element, *, copy: bool = True) -> etree._Element:
+        """Return ``envelope`` carrying an enveloped SystemSignature over the whole Envelope.
 
         An existing SystemSignature (a forwarded message) is replaced; a Body signature is kept untouched.
+        By default a copy is signed and ``envelope`` is left as it was. ``copy=False`` is for an envelope
+        nobody else holds (just built, or just parsed): it is then signed in place when it can be (the
+        copy costs as much as the rest of the signing), so use only the returned element afterwards. The
+        one visible difference: CDATA sections stay CDATA, where the copy's re-parse turns them into
+        escaped text -- the canonical form, and so the signature, is the same.
         """
-        unsigned = _copy(envelope)
+        template = self._template
+        # signxml signs a copy of the element as a document of its own: an element inside another document
+        # (with a tail, ancestors) is copied here too, so that it is what gets signed and serialised
+        unsigned = envelope if not copy and envelope.getparent() is None else _copy(envelope)
         for old in unsigned.findall(SIGNATURE):
             unsigned.remove(old)
-        return self._signer().sign(unsigned, key=self._signing_key, cert=list(self.chain))
+        if template is None or _stock_only(unsigned):
+            return self._signer().sign(unsigned, key=self._signing_key, cert=list(self.chain))
+        return template.sign(unsigned)
 
     def sign_content(self, envelope: etree._Element) -> etree._Element:
         """Return a copy of ``envelope`` with the issuing authority's signature over ``Body/Content``."""
@@ -133,6 +228,14 @@ class Signer:
 
 def to_bytes(root: etree._Element) -> bytes:
     return bytes(etree.tostring(root, xml_declaration=True, encoding="UTF-8"))
+
+
+def _stock_only(unsigned: etree._Element) -> bool:
+    """Shapes for which ``XMLSigner.sign`` does not produce the template's signature: an Id on the root
+    (the Reference URI would name it) or a ``ds:Signature Id="placeholder"`` (signxml fills that in)."""
+    if unsigned.get("Id") is not None or unsigned.get("ID") is not None:
+        return True
+    return any(sig.get("Id") == "placeholder" for sig in unsigned.iter(SIGNATURE))
 
 
 def _copy(element: etree._Element) -> etree._Element:
