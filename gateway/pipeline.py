@@ -164,20 +164,22 @@ class Pipeline:
 
     async def submit(self, raw: bytes) -> IngressResult:
         seen = _Seen()
-        # Every log line of this message's handling carries its id and party (bound as soon as known).
-        with structlog.contextvars.bound_contextvars(message_id=None, party=None):
-            try:
-                routed = self.admission.admit(raw, seen)
-            except Rejected as error:
-                return await self.reject(error, seen)
-            structlog.contextvars.bind_contextvars(
-                message_id=routed.validated.verified.header.message_id, party=routed.validated.verified.party
-            )
-            try:
-                return await self._enqueue(routed, seen)
-            except BrokerUnavailable as exc:
-                log.warning("ingress.unavailable", error=str(exc))
-                return await self.reject(Rejected(ErrorCode.UNAVAILABLE, f"message not accepted: {exc}"), seen)
+        try:
+            routed = self.admission.admit(raw, seen)
+        except Rejected as error:
+            return await self.reject(error, seen)
+        # Every later log line of this message's handling carries its id and party. Plain bind/reset:
+        # bound_contextvars() makes several passes over the whole context per call.
+        tokens = structlog.contextvars.bind_contextvars(
+            message_id=routed.validated.verified.header.message_id, party=routed.validated.verified.party
+        )
+        try:
+            return await self._enqueue(routed, seen)
+        except BrokerUnavailable as exc:
+            log.warning("ingress.unavailable", error=str(exc))
+            return await self.reject(Rejected(ErrorCode.UNAVAILABLE, f"message not accepted: {exc}"), seen)
+        finally:
+            structlog.contextvars.reset_contextvars(**tokens)
 
     async def _enqueue(self, routed: RoutedMessage, seen: _Seen) -> IngressResult:
         verified = routed.validated.verified
