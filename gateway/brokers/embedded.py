@@ -32,12 +32,14 @@ import structlog
 from gateway.brokers.base import Ack, DeadLetter, DeadLetterRecord, Handler, Outcome, Retry
 from gateway.errors import BrokerUnavailable
 from gateway.model import Delivery
+from gateway.sqlite_lock import begin_immediate
 
 log = structlog.get_logger("nsw.broker")
 
 T = TypeVar("T")
 
 DELIVERY_LIMIT_CODE = "DELIVERY_LIMIT"
+LOCK_TIMEOUT_SECONDS = 10.0  # waiting for another process's write lock
 REPLAYED_HEADER = "x-replayed"
 _SYNCHRONOUS = frozenset({"OFF", "NORMAL", "FULL", "EXTRA"})
 
@@ -198,7 +200,7 @@ class EmbeddedBroker:
                 raise BrokerUnavailable(f"cannot open the queue database {self.path}: {exc}") from exc
 
     def _open(self) -> None:
-        conn = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=LOCK_TIMEOUT_SECONDS)
         try:
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA journal_mode=WAL")
@@ -265,7 +267,7 @@ class EmbeddedBroker:
 
     def _transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
         conn = self._db()
-        conn.execute("BEGIN IMMEDIATE")
+        begin_immediate(conn, LOCK_TIMEOUT_SECONDS)
         try:
             result = work(conn)
             conn.execute("COMMIT")

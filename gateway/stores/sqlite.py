@@ -19,6 +19,7 @@ from typing import TypeVar
 
 from gateway.audit import GENESIS_HASH, AuditRecord, AuditReport, ChainHead, ChainVerifier
 from gateway.errors import BrokerUnavailable
+from gateway.sqlite_lock import begin_immediate
 from gateway.status import MessageStatus
 from gateway.stores import sql
 from gateway.stores.batch import (
@@ -191,7 +192,7 @@ class SqliteLedger(GroupCommitLedger):
         conn = self._wconn
         assert conn is not None
         message_ids, destination_ids = touched(ops)
-        conn.execute("BEGIN IMMEDIATE")
+        begin_immediate(conn, self._timeout)
         try:
             head = ChainHead(*conn.execute(sql.SELECT_HEAD).fetchone())
             messages = [MessageRow.from_row(r) for r in conn.execute(SELECT_MESSAGES, (_json_list(message_ids),))]

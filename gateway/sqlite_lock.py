@@ -1,0 +1,41 @@
+"""Taking SQLite's write lock when several processes share a database file.
+
+SQLite's own busy handler (``sqlite3.connect(timeout=...)``) sleeps 1, 2, 5, 10, 15, 20, 25, 25, 25,
+50, 50, 100 ms between tries. Two gateway processes that each commit a batch every few milliseconds
+kept missing the lock and sleeping: measured with two processes on one ledger file, the median
+claim+accept doubled (12 -> 25 ms) and the p99 went from 21 to about 100 ms. Here the lock is
+polled every ``POLL_SECONDS`` instead, with the connection's busy timeout set to zero only for that
+statement, so every other statement keeps SQLite's normal waiting.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from typing import Final
+
+POLL_SECONDS: Final = 0.0002
+
+
+def begin_immediate(conn: sqlite3.Connection, timeout: float) -> None:
+    """``BEGIN IMMEDIATE`` on ``conn``, waiting up to ``timeout`` seconds for another process's lock.
+
+    Raises ``sqlite3.OperationalError`` ("database is locked") when the wait runs out.
+    """
+    busy_ms = int(conn.execute("PRAGMA busy_timeout").fetchone()[0])
+    conn.execute("PRAGMA busy_timeout = 0")
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(POLL_SECONDS)
+            else:
+                return
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
