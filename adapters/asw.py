@@ -101,7 +101,7 @@ def forward_envelope(
         if date is not None:
             date.text = format_datetime(send_date)
     header = parse_header(root)
-    body = to_bytes(signer.sign_envelope(root))
+    body = to_bytes(signer.sign_envelope(root, copy=False))  # root was parsed here, nobody else holds it
     return Forward(body, hashlib.sha256(body).hexdigest(), header)
 
 

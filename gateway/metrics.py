@@ -21,7 +21,7 @@ Exported (per process; Prometheus sums ingress and worker processes)::
     nsw_delivery_retries_total{destination,code}      broker-level retries (RETRY_WAIT)
     nsw_dead_letters_total{destination,code}
     nsw_dead_letters_replayed_total{destination}
-    nsw_deliveries_in_flight{destination}             attempts started and not yet settled
+    nsw_deliveries_in_flight{destination}             attempts running longer than 1 s (announced), not yet settled
     nsw_delivery_duration_seconds{destination}        histogram: DELIVERING -> DELIVERED of one attempt
     nsw_signature_failures_total{party,code}          SIGNATURE_* / CERT_* rejections by claimed sender
     nsw_circuit_breaker_state{destination,state}      1 for the breaker's current state, else 0
@@ -90,7 +90,10 @@ class GatewayMetrics:
             "nsw_dead_letters_replayed", "Dead letters replayed by an operator", ["destination"], registry=r
         )
         self.in_flight = Gauge(
-            "nsw_deliveries_in_flight", "Delivery attempts started and not yet settled", ["destination"], registry=r
+            "nsw_deliveries_in_flight",
+            "Delivery attempts running longer than 1 s and not yet settled",
+            ["destination"],
+            registry=r,
         )
         self.latency = Histogram(
             "nsw_delivery_duration_seconds",
