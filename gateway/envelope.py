@@ -52,25 +52,41 @@ _PARTY_FIELDS = (
 )
 
 
-def _text(parent: etree._Element, path: str, *, required: bool = True) -> str | None:
-    node = parent.find(path, NSMAP)
-    value = node.text.strip() if node is not None and node.text else ""
+def _header_fields(header: etree._Element) -> dict[str, str]:
+    """``{"Block/field": stripped text}`` for the header's two levels, first occurrence wins (as ``find``).
+
+    One pass over the header instead of a namespaced ``find`` per field: the header is read for every
+    message, and 19 ``find`` calls cost about 50 us.
+    """
+    prefix = f"{{{NS}}}"
+    fields: dict[str, str] = {}
+    for block in header:
+        tag = block.tag
+        if not isinstance(tag, str) or not tag.startswith(prefix):
+            continue
+        name = tag[len(prefix) :]
+        for leaf in block:
+            leaf_tag = leaf.tag
+            if isinstance(leaf_tag, str) and leaf_tag.startswith(prefix):
+                fields.setdefault(f"{name}/{leaf_tag[len(prefix) :]}", (leaf.text or "").strip())
+    return fields
+
+
+def _text(fields: dict[str, str], path: str, *, required: bool = True) -> str | None:
+    value = fields.get(path, "")
     if not value:
         if required:
-            where = "/".join(step.removeprefix("e:") for step in path.split("/"))
             raise Rejected(
                 ErrorCode.SCHEMA_INVALID,
-                f"required header field {where.rsplit('/', 1)[-1]} is missing or empty",
-                f"/Envelope/Header/{where}",
+                f"required header field {path.rsplit('/', 1)[-1]} is missing or empty",
+                f"/Envelope/Header/{path}",
             )
         return None
     return value
 
 
-def _party(header: etree._Element, block: str) -> PartyRef:
-    values = {
-        attr: _text(header, f"e:{block}/e:{xml}", required=attr == "identity") or "" for attr, xml in _PARTY_FIELDS
-    }
+def _party(fields: dict[str, str], block: str) -> PartyRef:
+    values = {attr: _text(fields, f"{block}/{xml}", required=attr == "identity") or "" for attr, xml in _PARTY_FIELDS}
     return PartyRef(**values)
 
 
@@ -95,16 +111,17 @@ def parse_header(envelope: etree._Element) -> Header:
     header = envelope.find("e:Header", NSMAP)
     if header is None:
         raise Rejected(ErrorCode.SCHEMA_INVALID, "the envelope has no Header", "/Envelope/Header")
-    send_date = _text(header, "e:Subject/e:sendDate") or ""
+    fields = _header_fields(header)
+    send_date = _text(fields, "Subject/sendDate") or ""
     return Header(
-        version=_text(header, "e:Reference/e:version") or "",
-        message_id=_text(header, "e:Reference/e:messageId") or "",
-        sender=_party(header, "From"),
-        recipient=_party(header, "To"),
-        document_type=_text(header, "e:Subject/e:documentType") or "",
-        function=_text(header, "e:Subject/e:function") or "",
-        reference=_text(header, "e:Subject/e:reference") or "",
-        pre_reference=_text(header, "e:Subject/e:preReference", required=False),
+        version=_text(fields, "Reference/version") or "",
+        message_id=_text(fields, "Reference/messageId") or "",
+        sender=_party(fields, "From"),
+        recipient=_party(fields, "To"),
+        document_type=_text(fields, "Subject/documentType") or "",
+        function=_text(fields, "Subject/function") or "",
+        reference=_text(fields, "Subject/reference") or "",
+        pre_reference=_text(fields, "Subject/preReference", required=False),
         send_date=parse_send_date(send_date, "/Envelope/Header/Subject/sendDate"),
     )
 
