@@ -1,5 +1,6 @@
-"""In-process floors: signxml verify (our Verifier), the validation fast path (our Validator), and
-confirmed publishes to a RabbitMQ quorum queue (one by one, and pipelined)."""
+"""In-process floors: signature verify (stock signxml as a naive gateway calls it, and our Verifier), the
+validation fast path (our Validator), and confirmed publishes to a RabbitMQ quorum queue (one by one,
+and pipelined)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
+from cryptography import x509
+from signxml.verifier import XMLVerifier
 
+from bench.messages import sender_cert
 from gateway.config import Settings
-from gateway.model import VerifiedMessage
+from gateway.envelope import parse_header
+from gateway.model import BodySignature, ParsedMessage, VerifiedMessage
 from gateway.partners import PartnerRegistry
 from gateway.security.parse import parse_message
 from gateway.security.trust import TrustStore
@@ -30,6 +35,35 @@ def per_second(action: Callable[[Any], object], items: Sequence[Any]) -> float:
     return len(items) / (time.perf_counter() - started)
 
 
+class StockVerifier:
+    """What a naive gateway does, as the issue's floor describes it: stock ``signxml.XMLVerifier().verify``
+    with the sender's (pre-loaded) certificate, the header read from signxml's signed tree. No trust
+    chain, registry or policy checks: those are extra work the gateway does and the floor does not."""
+
+    def __init__(self, cert: x509.Certificate, party: str) -> None:
+        self.cert, self.party = cert, party
+
+    def verify(self, parsed: ParsedMessage) -> VerifiedMessage:
+        signed = XMLVerifier().verify(parsed.root, x509_cert=self.cert).signed_xml  # type: ignore[union-attr]
+        assert signed is not None
+        return VerifiedMessage(
+            raw=parsed.raw,
+            digest=parsed.digest,
+            received_at=parsed.received_at,
+            envelope=signed,
+            header=parse_header(signed),
+            party=self.party,
+            signer=self.cert,
+            signature_algorithm="stock",
+            legacy_algorithm=False,
+            body_signature=BodySignature(present=False, valid=False),
+        )
+
+
+def stock_verifier(pki_dir: Path) -> StockVerifier:
+    return StockVerifier(*sender_cert(pki_dir))
+
+
 def verify_and_validate(pki_dir: Path, messages: Sequence[bytes]) -> dict[str, float]:
     settings = Settings(certs_dir=pki_dir)
     verifier = Verifier(TrustStore.load(settings.trust_dir), PartnerRegistry.load(settings.partners_path))
@@ -38,8 +72,10 @@ def verify_and_validate(pki_dir: Path, messages: Sequence[bytes]) -> dict[str, f
     parsed = [parse_message(m) for m in messages]
     verified: list[VerifiedMessage] = [verifier.verify(p) for p in parsed[:1]]  # warm caches
     verify_rate = per_second(lambda p: verified.append(verifier.verify(p)), parsed)
+    stock = stock_verifier(pki_dir)
     return {
         "parse_per_s": per_second(parse_message, messages),
+        "signxml_verify_per_s": per_second(stock.verify, parsed),
         "verify_per_s": verify_rate,
         "validate_per_s": per_second(validator.validate, verified[1:]),
     }

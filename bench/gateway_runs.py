@@ -7,6 +7,7 @@ delivered/s to a loopback agency, and each gateway process's peak RSS. Then one 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -58,6 +59,7 @@ class Deployment:
         self.processes = processes
         env = {"NSW_RATE_PER_PARTY": "1000000", "NSW_RATE_BURST": "1000000", "NSW_PREFETCH": "64"}
         env["NSW_MAX_BODY_BYTES"] = str(max_body)
+        env |= {k: v for k, v in os.environ.items() if k.startswith("BENCHENV_")}
         if backend == "rabbitmq":
             env |= {"NSW_AMQP_URL": AMQP_URL, "NSW_QUEUE_PREFIX": self.prefix}
             env["NSW_RETRY_TIERS"] = ",".join(map(str, TIERS))

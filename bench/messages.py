@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
 
+from cryptography import x509
 from lxml import etree
 
 from gateway.samples import LICENCE_NS, SAMPLE_SENDERS, sample_envelope
@@ -20,6 +21,12 @@ from gateway.security.sign import Signer, to_bytes
 DOCUMENT_TYPE = "licence.import"
 
 BASE_SIZE = 5300  # bytes of one signed sample licence, roughly
+
+
+def sender_cert(pki_dir: Path) -> tuple[x509.Certificate, str]:
+    """The bench sender's certificate and party identity."""
+    identity = SAMPLE_SENDERS[DOCUMENT_TYPE][0]
+    return _signer(str(pki_dir)).chain[0], identity
 
 
 @lru_cache(maxsize=4)

@@ -27,6 +27,7 @@ def free_port() -> int:
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("NSW_")}
     env.update(extra or {})
+    env.update({k[len("BENCHENV_") :]: v for k, v in env.items() if k.startswith("BENCHENV_")})
     env["PYTHONPATH"] = str(REPO)
     return env
 

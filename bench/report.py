@@ -33,6 +33,8 @@ def table(result: dict[str, Any]) -> str:
             row.format("  aiohttp no-op POST -> 202 (req/s)", _f(floor["noop_http"]["accepted_per_s"]), "", "", "")
         )
         lines.append(row.format("  parse (msg/s)", _f(floor["parse_per_s"]), "", "", ""))
+        stock = _f(floor["signxml_verify_per_s"])
+        lines.append(row.format("  signature verify, stock signxml (msg/s)", stock, "", "", ""))
         lines.append(row.format("  signature verify, our Verifier (msg/s)", _f(floor["verify_per_s"]), "", "", ""))
         lines.append(row.format("  validate, our Validator (msg/s)", _f(floor["validate_per_s"]), "", "", ""))
         if "publish_pipelined_per_s" in floor:

@@ -1,8 +1,9 @@
 """Floor servers, each run as its own process: ``python -m bench.servers noop|naive --port P``.
 
 * ``noop``: aiohttp reads the body and answers 202 (the HTTP floor).
-* ``naive``: one process doing what the gateway must at least do: parse + verify + validate
-  (our Verifier and Validator) + one confirmed publish to a RabbitMQ quorum queue, then 202.
+* ``naive``: one process doing what the gateway must at least do, the naive way: parse + stock signxml
+  verify (``bench.floors.StockVerifier``) + validate (lxml, our Validator) + one confirmed publish to a
+  RabbitMQ quorum queue, then 202. No receipt, no audit, no status.
   ``--queue`` must already exist (the caller declares and deletes it).
 """
 
@@ -14,11 +15,8 @@ from pathlib import Path
 import aio_pika
 from aiohttp import web
 
-from gateway.config import Settings
-from gateway.partners import PartnerRegistry
+from bench.floors import stock_verifier
 from gateway.security.parse import parse_message
-from gateway.security.trust import TrustStore
-from gateway.security.verify import Verifier
 from gateway.validation import DocumentTypeRegistry, Validator
 
 
@@ -33,8 +31,7 @@ def noop_app() -> web.Application:
 
 
 def naive_app(pki_dir: Path, amqp_url: str, queue: str) -> web.Application:
-    settings = Settings(certs_dir=pki_dir)
-    verifier = Verifier(TrustStore.load(settings.trust_dir), PartnerRegistry.load(settings.partners_path))
+    verifier = stock_verifier(pki_dir)
     validator = Validator(DocumentTypeRegistry.load())
     app = web.Application(client_max_size=64 * 1024 * 1024)
 
