@@ -32,7 +32,7 @@ import structlog
 from gateway.brokers.base import Ack, DeadLetter, DeadLetterRecord, Handler, Outcome, Retry
 from gateway.errors import BrokerUnavailable
 from gateway.model import Delivery
-from gateway.sqlite_lock import begin_immediate
+from gateway.sqlite_lock import begin_immediate, prepare
 
 log = structlog.get_logger("nsw.broker")
 
@@ -112,6 +112,12 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 );
 CREATE INDEX IF NOT EXISTS dead_letters_destination ON dead_letters (destination, id);
 """
+
+
+def _create_schema(conn: sqlite3.Connection) -> None:
+    for statement in _SCHEMA.split(";"):
+        if statement.strip():
+            conn.execute(statement)
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,9 +209,7 @@ class EmbeddedBroker:
         conn = sqlite3.connect(self.path, isolation_level=None, timeout=LOCK_TIMEOUT_SECONDS)
         try:
             conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(f"PRAGMA synchronous={self._synchronous}")
-            conn.executescript(_SCHEMA)
+            prepare(conn, LOCK_TIMEOUT_SECONDS, self._synchronous, _create_schema)
         except sqlite3.Error:
             conn.close()
             raise
@@ -238,7 +242,7 @@ class EmbeddedBroker:
 
     def _check_writable(self) -> None:
         conn = self._db()
-        conn.execute("BEGIN IMMEDIATE")
+        begin_immediate(conn, LOCK_TIMEOUT_SECONDS)
         conn.execute("ROLLBACK")
 
     async def declare(self, destinations: Sequence[str]) -> None:
@@ -370,9 +374,11 @@ class EmbeddedBroker:
         )
 
     def _release_owned(self, owner_prefix: str) -> None:
-        self._db().execute(
-            "UPDATE work_items SET lease_owner = NULL, lease_until = NULL WHERE lease_owner LIKE ?",
-            (owner_prefix + "%",),
+        self._transaction(
+            lambda conn: conn.execute(
+                "UPDATE work_items SET lease_owner = NULL, lease_until = NULL WHERE lease_owner LIKE ?",
+                (owner_prefix + "%",),
+            )
         )
 
     def _settle(self, item: _Claimed, outcome: Outcome | None) -> bool:

@@ -19,7 +19,7 @@ from typing import TypeVar
 
 from gateway.audit import GENESIS_HASH, AuditRecord, AuditReport, ChainHead, ChainVerifier
 from gateway.errors import BrokerUnavailable
-from gateway.sqlite_lock import begin_immediate
+from gateway.sqlite_lock import begin_immediate, prepare
 from gateway.status import MessageStatus
 from gateway.stores import sql
 from gateway.stores.batch import (
@@ -171,13 +171,7 @@ class SqliteLedger(GroupCommitLedger):
     def _connect_writer(self) -> sqlite3.Connection:
         conn = self._connect()
         try:
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute(f"PRAGMA synchronous = {self._synchronous}")
-            conn.execute("BEGIN IMMEDIATE")
-            for statement in SCHEMA:
-                conn.execute(statement)
-            conn.execute(sql.INSERT_GENESIS, (GENESIS_HASH,))
-            conn.execute("COMMIT")
+            prepare(conn, self._timeout, self._synchronous, _create_schema)
         except sqlite3.Error:
             conn.close()
             raise
@@ -214,6 +208,12 @@ class SqliteLedger(GroupCommitLedger):
                 conn.execute("ROLLBACK")
             raise
         return results, changes.records
+
+
+def _create_schema(conn: sqlite3.Connection) -> None:
+    for statement in SCHEMA:
+        conn.execute(statement)
+    conn.execute(sql.INSERT_GENESIS, (GENESIS_HASH,))
 
 
 @contextmanager

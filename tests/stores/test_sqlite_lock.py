@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from gateway.sqlite_lock import begin_immediate
+from gateway.sqlite_lock import begin_immediate, prepare
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -49,3 +50,31 @@ def test_it_gives_up_with_database_is_locked_and_restores_the_busy_timeout(tmp_p
     assert not waiter.in_transaction
     assert waiter.execute("PRAGMA busy_timeout").fetchone()[0] == 7000
     holder.execute("ROLLBACK")
+
+
+def test_a_process_opening_next_to_a_busy_writer_is_not_starved(tmp_path: Path) -> None:
+    """A writer that commits back to back (2 ms transactions, microsecond gaps) leaves a waiter that
+    sleeps 1, 2, 5 ... 100 ms between tries almost no chance; polling gets in within a few gaps."""
+    busy = _connect(tmp_path / "db")
+    busy.execute("CREATE TABLE t (x)")
+    stop = threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            begin_immediate(busy, timeout=30.0)
+            busy.execute("INSERT INTO t VALUES (1)")
+            time.sleep(0.002)
+            busy.execute("COMMIT")
+
+    thread = threading.Thread(target=hammer)
+    thread.start()
+    try:
+        opener = sqlite3.connect(tmp_path / "db", isolation_level=None, timeout=3.0, check_same_thread=False)
+        prepare(opener, 3.0, "NORMAL", lambda conn: conn.execute("CREATE TABLE IF NOT EXISTS u (y)"))
+        begin_immediate(opener, timeout=3.0)
+        opener.execute("INSERT INTO u VALUES (2)")
+        opener.execute("COMMIT")
+    finally:
+        stop.set()
+        thread.join(30)
+    assert [r[0] for r in opener.execute("SELECT y FROM u")] == [2]
