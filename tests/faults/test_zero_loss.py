@@ -3,7 +3,8 @@
 Every messageId that got a 202 must reach each routed agency at least once; redeliveries carry the
 same Idempotency-Key. Each test prints ``accepted / delivered / duplicates / lost`` and asserts
 ``lost == 0``. RabbitMQ tests run ingress (``nswgw serve``) and worker (``nswgw worker``) as separate
-processes so each can be killed on its own; the embedded backend runs ``nswgw run`` and is killed whole.
+processes so each can be killed on its own, and ``nswgw run --processes 2`` with one child killed; the
+embedded backend runs ``nswgw run`` and is killed whole.
 
     python -m pytest tests/faults -q -s                      # short form (part of the normal suite)
     NSW_FAULTS_LONG=1 python -m pytest tests/faults -q -s    # long form: 5 rounds of 40, and the broker restart
@@ -13,6 +14,8 @@ processes so each can be killed on its own; the embedded backend runs ``nswgw ru
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import subprocess
 import uuid
 from collections.abc import Awaitable, Callable
@@ -24,7 +27,7 @@ import pytest
 from tests.conftest import free_port
 from tests.e2e.conftest import Rabbit, write_routing
 from tests.faults.harness import LONG, Load, Process, check_keys, peer_queues_of, tally, wait_all_delivered, wait_ready
-from tests.support.agency import Agency
+from tests.support.agency import WAIT, Agency
 
 BURST = 40 if LONG else 15  # accepted messages between two faults
 ROUNDS = 5 if LONG else 1
@@ -167,6 +170,39 @@ async def test_rabbitmq_every_fault_in_turn(
                 await fault()
 
         await run_faults(rig, signed, "rabbitmq:all", everything)
+    finally:
+        rig.kill_all()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return sorted(int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split())
+    except OSError:
+        return []
+
+
+@pytest.mark.rabbitmq
+async def test_rabbitmq_sigkill_of_one_of_two_processes_loses_nothing(
+    pki_dir: Path, tmp_path: Path, rabbit: Rabbit, agencies: Callable[..., Any], signed: Callable[..., bytes]
+) -> None:
+    """``nswgw run --processes 2`` (the bench's deployment): one child SIGKILLed, the supervisor starts
+    another, the other child keeps serving the shared port and the queues."""
+    rig = await rabbit_rig(pki_dir, tmp_path, rabbit, agencies)
+    try:
+        supervisor = rig.process("run", "run.log", "--port", str(rig.port), "--processes", "2")
+        assert supervisor.popen is not None
+        pid = supervisor.popen.pid
+
+        async def kill_one_child() -> None:
+            async with asyncio.timeout(WAIT):
+                while len(before := _children(pid)) < 2:  # noqa: ASYNC110 -- a process table has no event
+                    await asyncio.sleep(0.1)
+            os.kill(before[0], signal.SIGKILL)
+            async with asyncio.timeout(WAIT):
+                while before[0] in (now := _children(pid)) or len(now) < 2:  # noqa: ASYNC110
+                    await asyncio.sleep(0.1)
+
+        await run_faults(rig, signed, "rabbitmq:one-of-two-processes-sigkill", kill_one_child)
     finally:
         rig.kill_all()
 
