@@ -21,6 +21,7 @@ from lxml import etree
 
 from gateway.errors import ErrorCode, Rejected
 from gateway.model import Header, PartyRef
+from gateway.security.parse import copy_element
 
 NS = "urn:nsw:envelope:1"
 DS = "http://www.w3.org/2000/09/xmldsig#"
@@ -174,7 +175,7 @@ def build_envelope(header: Header, document: etree._Element) -> etree._Element:
     etree.SubElement(subject, q("sendDate")).text = format_datetime(header.send_date)
     body = etree.SubElement(root, BODY)
     content = etree.SubElement(body, CONTENT, Id=CONTENT_ID)
-    content.append(etree.fromstring(etree.tostring(document)))
+    content.append(copy_element(document))
     return root
 
 

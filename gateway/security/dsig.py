@@ -54,10 +54,11 @@ _C14N_METHODS: Final = frozenset(m.value for m in CanonicalizationMethod)
 _XML_SPACE: Final = " \t\n"  # what signxml's serialise-and-reparse copies survive next to an element
 _remove_sig: Final = cast(Callable[[etree._Element], None], signxml_util._remove_sig)  # unannotated in signxml
 
-# The settings of gateway.security.parse (no DTD, no entities, no network, no huge trees). The input is
-# canonical XML this module produced itself; lxml serialises concurrent use of one parser with a lock.
+# The settings of gateway.security.parse (no DTD, no entities, no network; huge text nodes allowed, as
+# for attachments). The input is canonical XML this module produced itself, from a tree that parser built;
+# lxml serialises concurrent use of one parser with a lock.
 _PARSER: Final = etree.XMLParser(
-    resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False, remove_comments=False
+    resolve_entities=False, no_network=True, load_dtd=False, huge_tree=True, remove_comments=False
 )
 
 

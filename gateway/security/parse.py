@@ -24,12 +24,16 @@ _PROLOG_SCAN = 64 * 1024
 
 
 def _parser() -> etree.XMLParser:
+    # huge_tree: libxml2's default caps a text node at 10 MB, which refuses a real certificate with an
+    # attachment (an ePhyto AttachmentBinaryObject holding an 8 MB PDF is 11 MB of base64). The caps it
+    # lifts guard against entity expansion and unbounded input; here there are no DTDs or entities
+    # (refused above), the body size is limited before parsing (max_body_bytes) and depth is checked below.
     return etree.XMLParser(
         resolve_entities=False,
         no_network=True,
         load_dtd=False,
         dtd_validation=False,
-        huge_tree=False,
+        huge_tree=True,
         remove_comments=False,
         strip_cdata=False,
     )
@@ -37,6 +41,17 @@ def _parser() -> etree.XMLParser:
 
 # lxml parsers are not thread-safe but are safe to reuse within one thread; ingress parses on the loop thread.
 _PARSER = _parser()
+
+
+# For re-reading our own serialisation: lxml's defaults (CDATA becomes text, as signxml's copies do,
+# which keeps our signatures byte-identical to signxml's) but big text nodes allowed.
+_COPY_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=True)
+
+
+def copy_element(element: etree._Element) -> etree._Element:
+    """A detached copy of ``element``, by serialising and re-reading it: unlike ``deepcopy`` it keeps
+    namespace declarations exactly as they were."""
+    return etree.fromstring(etree.tostring(element), parser=_COPY_PARSER)
 
 
 def _depth_exceeds(root: etree._Element, max_depth: int) -> bool:

@@ -37,6 +37,7 @@ from signxml.algorithms import (
 from signxml.signer import XMLSigner
 
 from gateway.envelope import BODY, CONTENT, CONTENT_ID, DS, SIGNATURE
+from gateway.security.parse import copy_element
 
 EXC_C14N: Final = CanonicalizationMethod.EXCLUSIVE_XML_CANONICALIZATION_1_0
 LEGACY_C14N: Final = CanonicalizationMethod.CANONICAL_XML_1_0
@@ -239,5 +240,4 @@ def _stock_only(unsigned: etree._Element) -> bool:
 
 
 def _copy(element: etree._Element) -> etree._Element:
-    # Serialise and re-read rather than deepcopy: keeps namespace declarations exactly as they were.
-    return etree.fromstring(etree.tostring(element))
+    return copy_element(element)
