@@ -101,7 +101,10 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             out["gateway"][f"{backend}/{size}"] = await measure(pki_dir, work, backend, pools, plan)
     if not args.skip_large:
         for backend in backends[:1] if args.quick else backends:  # quick: the first backend only
-            out["large"][backend] = await large(pki_dir, work, backend, plan.large_size, plan.processes)
+            for kind in ("lines", "attachment"):
+                out["large"][f"{backend}/{kind}"] = await large(
+                    pki_dir, work, backend, plan.large_size, processes=plan.processes, kind=kind
+                )
     out["bench_peak_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return out
 

@@ -44,7 +44,9 @@ def routing(agency: CountingAgency) -> dict[str, Any]:
     return {
         "version": 1,
         "destinations": {DESTINATION: {"adapter": "http", "url": agency.url, "timeout": 60, "max_in_flight": 64}},
-        "rules": [{"name": "bench", "when": {"documentType": [msgs.DOCUMENT_TYPE]}, "to": [DESTINATION]}],
+        "rules": [
+            {"name": "bench", "when": {"documentType": [msgs.DOCUMENT_TYPE, msgs.ATTACHMENT_TYPE]}, "to": [DESTINATION]}
+        ],
     }
 
 
@@ -171,9 +173,15 @@ async def measure(pki_dir: Path, work: Path, backend: str, pools: Pools, plan: P
         await deployment.stop()
 
 
-async def large(pki_dir: Path, work: Path, backend: str, size: int, processes: int) -> dict[str, Any]:
-    """One ~``size`` signed message: accepted, delivered, and the peak RSS growth of each process."""
-    body = msgs.signed_messages(pki_dir, size, 1)[0]
+async def large(pki_dir: Path, work: Path, backend: str, size: int, *, processes: int, kind: str) -> dict[str, Any]:
+    """One ~``size`` signed message: accepted, delivered, and the peak RSS growth of each process.
+
+    ``kind``: "lines" (a licence grown with ~70,000 goods lines: the most elements, the biggest trees) or
+    "attachment" (an ePhyto carrying one big base64 attachment)."""
+    if kind == "attachment":
+        body = msgs.signed_certificate_with_attachment(pki_dir, size)
+    else:
+        body = msgs.signed_messages(pki_dir, size, 1)[0]
     deployment = await Deployment(pki_dir, work, backend, processes, len(body) + 1024 * 1024).start()
     try:
         await deployment.drive(msgs.signed_messages(pki_dir, 5_000, 5), concurrency=1, duration=30)
@@ -182,6 +190,7 @@ async def large(pki_dir: Path, work: Path, backend: str, size: int, processes: i
         after = deployment.peak_rss_kb()
         growth = {k: (after[k] or 0) - (before[k] or 0) for k in after}
         return {
+            "kind": kind,
             "bytes": len(body),
             "accepted": result["accepted"] == 1,
             "delivered": result["all_delivered"] and result["delivered"] == 1,

@@ -5,6 +5,7 @@ attachment element; ``items/item`` is unbounded, so a big licence is still schem
 from __future__ import annotations
 
 import copy
+import os
 import pickle
 import uuid
 from concurrent.futures import ProcessPoolExecutor
@@ -15,7 +16,7 @@ from pathlib import Path
 from cryptography import x509
 from lxml import etree
 
-from gateway.samples import LICENCE_NS, SAMPLE_SENDERS, sample_envelope
+from gateway.samples import LICENCE_NS, SAMPLE_SENDERS, attach_to_ephyto, sample_envelope
 from gateway.security.sign import Signer, to_bytes
 
 DOCUMENT_TYPE = "licence.import"
@@ -53,6 +54,18 @@ def signed_message(pki_dir: str, size: int) -> bytes:
     if size > BASE_SIZE:
         _grow(root, size)
     return to_bytes(_signer(pki_dir).sign_envelope(root))
+
+
+ATTACHMENT_TYPE = "sps.ephyto"
+
+
+def signed_certificate_with_attachment(pki_dir: Path, size: int) -> bytes:
+    """A signed ePhyto of about ``size`` bytes, almost all of it one attachment (random bytes standing for
+    a scanned PDF, base64 in one AttachmentBinaryObject): the issue's "certificate with attachments"."""
+    root = sample_envelope(ATTACHMENT_TYPE, message_id=str(uuid.uuid4()), send_date=datetime.now(UTC))
+    attach_to_ephyto(root, os.urandom(size * 3 // 4), "scan.pdf", reference_id="BENCH-ATTACHMENT")
+    folder = Path(pki_dir) / "parties" / SAMPLE_SENDERS[ATTACHMENT_TYPE][0]
+    return to_bytes(Signer.from_files(folder / "key.pem", folder / "cert.pem").sign_envelope(root, copy=False))
 
 
 def _batch(args: tuple[str, int, int]) -> list[bytes]:

@@ -84,8 +84,10 @@ def table(result: dict[str, Any]) -> str:
                 )
             rss = ", ".join(f"{name} {_mb(kb)} MB" for name, kb in run["peak_rss_kb"].items())
             lines.append(f"     peak RSS: {rss}")
-    for backend, big in result["large"].items():
-        lines.append(f"-- {big['bytes'] / 1e6:.1f} MB signed licence, {backend}")
+    for key, big in result["large"].items():
+        backend = key.split("/")[0]
+        what = "ePhyto with one attachment" if big.get("kind") == "attachment" else "licence, ~70,000 goods lines"
+        lines.append(f"-- {big['bytes'] / 1e6:.1f} MB signed {what}, {backend}")
         lines.append(
             f"     accepted {big['accepted']} in {big['accept_s']:.2f}s, "
             f"delivered {big['delivered']} after {big['deliver_s']:.2f}s"

@@ -8,6 +8,7 @@ and our own minimal ePhyto certificate).
 
 from __future__ import annotations
 
+import base64
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -338,6 +339,26 @@ def sample_envelope(
         send_date=send_date or datetime.now(UTC),
     )
     return build_envelope(header, sample_document(document_type))
+
+
+EPHYTO_RAM = "urn:un:unece:uncefact:data:standard:ReusableAggregateBusinessInformationEntity:21"
+EPHYTO_SPS = "urn:un:unece:uncefact:data:standard:SPSCertificate:17"
+
+
+def attach_to_ephyto(envelope: etree._Element, data: bytes, filename: str, *, reference_id: str) -> None:
+    """Add a referenced document with ``data`` as its ``AttachmentBinaryObject`` (base64) to the ePhyto in
+    ``envelope``, where the hub schema puts it: IssueDateTime, TypeCode, RelationshipTypeCode, ID, attachment,
+    in a ReferenceSPSReferencedDocument just before SignatorySPSAuthentication."""
+    signatory = envelope.find(f".//{{{EPHYTO_SPS}}}SPSExchangedDocument/{{{EPHYTO_RAM}}}SignatorySPSAuthentication")
+    if signatory is None:
+        raise ValueError("no ePhyto SPSExchangedDocument/SignatorySPSAuthentication in this envelope")
+    document = etree.Element(f"{{{EPHYTO_RAM}}}ReferenceSPSReferencedDocument")
+    signatory.addprevious(document)
+    for tag, text in (("IssueDateTime", "2026-11-24"), ("TypeCode", "916"), ("RelationshipTypeCode", "ZZZ")):
+        etree.SubElement(document, f"{{{EPHYTO_RAM}}}{tag}").text = text
+    etree.SubElement(document, f"{{{EPHYTO_RAM}}}ID").text = reference_id
+    attachment = etree.SubElement(document, f"{{{EPHYTO_RAM}}}AttachmentBinaryObject", filename=filename)
+    attachment.text = base64.b64encode(data).decode("ascii")
 
 
 def write_samples(out_dir: Path) -> list[Path]:

@@ -11,13 +11,11 @@ from datetime import UTC, datetime
 
 from lxml import etree
 
-from gateway.samples import sample_envelope
+from gateway.samples import EPHYTO_RAM, attach_to_ephyto, sample_envelope
 from gateway.security.parse import parse_untrusted
 from gateway.security.sign import Signer, to_bytes
 from tests.conftest import RunningGateway
 
-RAM = "urn:un:unece:uncefact:data:standard:ReusableAggregateBusinessInformationEntity:21"
-SPS = "urn:un:unece:uncefact:data:standard:SPSCertificate:17"
 ATTACHMENT_BYTES = 9 * 1024 * 1024  # a 9 MB PDF: 12.6 MB of base64 in one text node
 
 
@@ -28,18 +26,7 @@ def test_one_text_node_over_10_mb_parses() -> None:
 
 def _ephyto_with_attachment(pdf: bytes) -> etree._Element:
     envelope = sample_envelope("sps.ephyto", message_id=str(uuid.uuid4()), send_date=datetime.now(UTC))
-    signatory = envelope.find(f".//{{{SPS}}}SPSExchangedDocument/{{{RAM}}}SignatorySPSAuthentication")
-    assert signatory is not None
-    # the hub schema's order: ...IncludedSPSNote, ReferenceSPSReferencedDocument, SignatorySPSAuthentication;
-    # inside: IssueDateTime, TypeCode, RelationshipTypeCode, ID, AttachmentBinaryObject
-    document = etree.Element(f"{{{RAM}}}ReferenceSPSReferencedDocument")
-    signatory.addprevious(document)
-    etree.SubElement(document, f"{{{RAM}}}IssueDateTime").text = "2026-11-24"
-    etree.SubElement(document, f"{{{RAM}}}TypeCode").text = "916"
-    etree.SubElement(document, f"{{{RAM}}}RelationshipTypeCode").text = "ZZZ"
-    etree.SubElement(document, f"{{{RAM}}}ID").text = "VN-PPD-2026-0004711-LAB"
-    blob = etree.SubElement(document, f"{{{RAM}}}AttachmentBinaryObject", filename="lab-report.pdf")
-    blob.text = base64.b64encode(pdf).decode()
+    attach_to_ephyto(envelope, pdf, "lab-report.pdf", reference_id="VN-PPD-2026-0004711-LAB")
     return envelope
 
 
@@ -59,6 +46,6 @@ async def test_a_certificate_with_a_12_mb_attachment_is_accepted_and_enqueued_in
     assert [d.payload for d in running.broker.published] == [body] * len(running.broker.published)
     assert running.broker.published, "routed to at least one destination"
     carried = parse_untrusted(running.broker.published[0].payload)
-    attachment = carried.find(f".//{{{RAM}}}AttachmentBinaryObject")
+    attachment = carried.find(f".//{{{EPHYTO_RAM}}}AttachmentBinaryObject")
     assert attachment is not None
     assert base64.b64decode(attachment.text or "") == pdf
