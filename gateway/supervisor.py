@@ -7,12 +7,13 @@ the broker (RabbitMQ, or the embedded SQLite broker, which is multi-process by d
 coordinate them.
 
 The supervisor only starts, watches and stops. A child that dies is started again (with a growing
-pause if it keeps dying). A SIGKILLed child loses nothing: a 202 is sent only after the broker has
-confirmed the copies and the ledger has committed the acceptance, its unfinished requests fail on
-the sender's side (who retries with the same messageId), and its unacknowledged deliveries go back
-to the queue. SIGTERM/SIGINT/SIGHUP are passed on to every child; on SIGTERM/SIGINT the supervisor
-waits for the children to finish their drain, then exits. If the supervisor itself is killed, the
-kernel sends each child SIGTERM (PR_SET_PDEATHSIG), so no orphan keeps the port.
+pause if it keeps dying); one that exits with a configuration error (exit 2) stops them all, with 2.
+A SIGKILLed child loses nothing: a 202 is sent only after the broker has confirmed the copies and the
+ledger has committed the acceptance, its unfinished requests fail on the sender's side (who retries
+with the same messageId), and its unacknowledged deliveries go back to the queue. SIGTERM/SIGINT/SIGHUP
+are passed on to every child; on SIGTERM/SIGINT the supervisor waits for the children to finish their
+drain, then exits. If the supervisor itself is killed, the kernel sends each child SIGTERM
+(PR_SET_PDEATHSIG), so no orphan keeps the port.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ POLL_SECONDS = 0.2
 STOP_GRACE_SECONDS = 30.0
 STEADY_SECONDS = 60.0  # a child that lived this long is "healthy": its restart pause starts over
 MAX_PAUSE_SECONDS = 30.0
+EXIT_USAGE = 2  # what `nswgw` exits with on a configuration error (gateway/cli.py)
 
 
 def child_argv(argv: Sequence[str], index: int) -> list[str]:
@@ -84,6 +86,7 @@ class Supervisor:
             raise ValueError("a supervisor is for two processes or more")
         self.slots = [_Slot(i, child_argv(argv, i)) for i in range(processes)]
         self._stopping = False
+        self._failed = 0
         self._pending: list[int] = []
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
@@ -99,6 +102,9 @@ class Supervisor:
             if self._stopping:
                 return self._stop()
             self._watch()
+            if self._stopping:  # a child's configuration error: stop the others too
+                self._pending.append(signal.SIGTERM)
+                continue
             time.sleep(POLL_SECONDS)
 
     def _forward_signals(self) -> None:
@@ -120,6 +126,12 @@ class Supervisor:
                 continue
             code = slot.process.poll()
             if code is None:
+                continue
+            if code == EXIT_USAGE:  # a configuration error: every restart would fail the same way
+                log.error("supervisor.child_config_error", child=slot.index)
+                self._failed = EXIT_USAGE
+                self._stopping = True
+                slot.process = None
                 continue
             lived = now - slot.started
             slot.pause = 0.0 if lived >= STEADY_SECONDS else min(MAX_PAUSE_SECONDS, max(0.5, slot.pause * 2))
@@ -143,4 +155,6 @@ class Supervisor:
                 code = slot.process.wait()
             worst = max(worst, abs(code))
         log.info("supervisor.stopped", children=len(self.slots))
+        if self._failed:
+            return self._failed
         return 0 if worst in (0, signal.SIGTERM) else 1

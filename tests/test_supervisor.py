@@ -128,3 +128,18 @@ async def _wait_listening(url: str) -> None:
                 if (await client.get(ready)).status_code == 200:
                     return
             await asyncio.sleep(0.2)
+
+
+def test_a_configuration_error_in_the_children_stops_the_supervisor_with_exit_2(tmp_path: Path) -> None:
+    args = ["run", "--certs", str(tmp_path / "missing"), "--data", str(tmp_path), "--port", str(free_port())]
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", *args, "--processes", "2"],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr.count("trust directory not found") == 2  # each child said why; none was restarted
+    assert "supervisor.child_config_error" in done.stderr
