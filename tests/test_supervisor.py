@@ -77,7 +77,9 @@ async def test_two_processes_share_the_port_and_a_killed_one_is_replaced(
     agency = await Agency("moit").start()
     port = free_port()
     routing = write_routing(tmp_path / "routing.yaml", {"moit": agency})
+    metrics_port = free_port()  # child I serves its metrics on metrics_port + I
     args = ["run", "--certs", pki_dir, "--data", tmp_path / "var", "--routing", routing, "--port", port]
+    args += ["--metrics-port", metrics_port]
     supervisor = _spawn([*map(str, args), "--processes", "2"], tmp_path / "run.log")
     url = f"http://127.0.0.1:{port}/v1/messages"
     try:
@@ -87,6 +89,16 @@ async def test_two_processes_share_the_port_and_a_killed_one_is_replaced(
 
         batch = [signed("licence.import") for _ in range(20)]
         assert await _post_all(url, batch) == [202] * 20
+        accepted = 0.0
+        async with httpx.AsyncClient() as client:
+            for child in (0, 1):
+                text = (await client.get(f"http://127.0.0.1:{metrics_port + child}/metrics")).text
+                accepted += sum(
+                    float(line.rsplit(" ", 1)[1])
+                    for line in text.splitlines()
+                    if line.startswith("nsw_messages_accepted_total")
+                )
+        assert accepted == 20  # the two children's own counters add up to what was sent
 
         os.kill(first[0], signal.SIGKILL)
         await _until(
