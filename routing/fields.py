@@ -73,6 +73,8 @@ def _node_text(node: Any) -> str:
     if isinstance(node, str):
         return node
     if isinstance(node, etree._Element):
+        if len(node) == 0:  # a leaf (the usual case, e.g. an hsCode): its text, without itertext's cost
+            return node.text or ""
         return "".join(node.itertext())
     return str(node)
 
