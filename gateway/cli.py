@@ -125,6 +125,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _service(args: argparse.Namespace, *, ingress: bool, worker: bool) -> int:
     settings = _settings(args)
+    if settings.processes < 1:
+        raise ConfigError(f"processes must be 1 or more, not {settings.processes}")
     if args.child is None and settings.processes > 1:
         from gateway.supervisor import Supervisor
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import pytest
 
 from gateway.supervisor import child_argv
 from tests.conftest import free_port
@@ -24,17 +25,23 @@ def test_children_get_the_same_arguments_without_processes_and_with_their_index(
     assert child_argv(argv, 2) == ["run", "--port", "8080", "--certs", "c", "--child", "2"]
 
 
-def test_a_shared_port_cannot_be_port_zero(pki_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("processes", "port", "error"),
+    [("2", "0", "--processes > 1 shares one listening port"), ("0", "8080", "processes must be 1 or more, not 0")],
+)
+def test_bad_process_settings_are_configuration_errors(
+    pki_dir: Path, tmp_path: Path, processes: str, port: str, error: str
+) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "gateway", "run", "--certs", str(pki_dir), "--data", str(tmp_path), "--port", "0"],
-        env=child_env(NSW_PROCESSES="2"),
+        [sys.executable, "-m", "gateway", "run", "--certs", str(pki_dir), "--data", str(tmp_path), "--port", port],
+        env=child_env(NSW_PROCESSES=processes),
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
     assert done.returncode == 2
-    assert "--processes > 1 shares one listening port" in done.stderr
+    assert error in done.stderr
 
 
 def _children(pid: int) -> list[int]:
