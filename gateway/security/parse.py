@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import re
 from datetime import UTC, datetime
+from functools import lru_cache
 
 from lxml import etree
 
@@ -54,9 +55,14 @@ def copy_element(element: etree._Element) -> etree._Element:
     return etree.fromstring(etree.tostring(element), parser=_COPY_PARSER)
 
 
+@lru_cache(maxsize=4)
+def _deeper_than(max_depth: int) -> etree.XPath:
+    # An XPath of max_depth + 1 child steps selects nothing unless the tree is deeper than max_depth.
+    return etree.XPath("boolean(/" + "/".join(["*"] * (max_depth + 1)) + ")")
+
+
 def _depth_exceeds(root: etree._Element, max_depth: int) -> bool:
-    # An XPath of max_depth child steps selects nothing unless the tree is deeper than max_depth.
-    return bool(root.xpath("boolean(/" + "/".join(["*"] * (max_depth + 1)) + ")"))
+    return bool(_deeper_than(max_depth)(root))
 
 
 def parse_untrusted(raw: bytes, *, max_depth: int = DEFAULT_MAX_DEPTH) -> etree._Element:
