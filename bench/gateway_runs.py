@@ -75,6 +75,14 @@ class Deployment:
         return [f"http://127.0.0.1:{self.port}/v1/messages"]
 
     async def start(self) -> Deployment:
+        """Start everything; if any part fails, tear down what did start (processes, queues) first."""
+        try:
+            return await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> Deployment:
         await self.agency.start()
         routing_file = self.dir / "routing.yaml"
         routing_file.write_text(yaml.safe_dump(routing(self.agency)))
