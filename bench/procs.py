@@ -96,14 +96,11 @@ class Child:
 def _listening(pid: int) -> bool:
     """True once ``pid`` holds a TCP socket in LISTEN state (matched through its fd inodes)."""
     try:
-        inodes = {
-            os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1]
-            for fd in os.listdir(f"/proc/{pid}/fd")
-            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:[")
-        }
+        targets = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
         lines = Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]
-    except OSError:
+    except OSError:  # the process, or one of its descriptors, went away meanwhile: not yet
         return False
+    inodes = {target[len("socket:[") : -1] for target in targets if target.startswith("socket:[")}
     return any(line.split()[3] == "0A" and line.split()[9] in inodes for line in lines)
 
 

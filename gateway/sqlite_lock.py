@@ -27,17 +27,20 @@ def begin_immediate(conn: sqlite3.Connection, timeout: float) -> None:
 
     Raises ``sqlite3.OperationalError`` ("database is locked") when the wait runs out.
     """
+    _execute_polling(conn, "BEGIN IMMEDIATE", time.monotonic() + timeout)
+
+
+def _execute_polling(conn: sqlite3.Connection, statement: str, deadline: float) -> None:
+    """``statement``, retried every ``POLL_SECONDS`` while another process holds the lock, until ``deadline``."""
     busy_ms = int(conn.execute("PRAGMA busy_timeout").fetchone()[0])
     conn.execute("PRAGMA busy_timeout = 0")
     try:
-        deadline = time.monotonic() + timeout
         while True:
             try:
-                conn.execute("BEGIN IMMEDIATE")
+                conn.execute(statement)
             except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) and "busy" not in str(exc):
-                    raise
-                if time.monotonic() >= deadline:
+                contended = "locked" in str(exc) or "busy" in str(exc)
+                if not contended or time.monotonic() >= deadline:
                     raise
                 time.sleep(POLL_SECONDS)
             else:
@@ -52,15 +55,10 @@ def prepare(
     """Open a shared database: WAL mode (set once, by whichever process comes first), ``synchronous``
     for this connection, then ``create(conn)`` (idempotent DDL) in one write transaction."""
     deadline = time.monotonic() + timeout
-    while str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
-        try:
-            conn.execute("PRAGMA journal_mode = WAL")
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() >= deadline:
-                raise
-            time.sleep(POLL_SECONDS)
+    if str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+        _execute_polling(conn, "PRAGMA journal_mode = WAL", deadline)
     conn.execute(f"PRAGMA synchronous = {synchronous}")
-    begin_immediate(conn, max(0.0, deadline - time.monotonic()))
+    _execute_polling(conn, "BEGIN IMMEDIATE", deadline)
     try:
         create(conn)
         conn.execute("COMMIT")

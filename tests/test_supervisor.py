@@ -18,6 +18,7 @@ from gateway.supervisor import child_argv
 from tests.conftest import free_port
 from tests.e2e.conftest import child_env, write_routing
 from tests.support.agency import WAIT, Agency
+from tests.support.procs import child_pids
 
 
 def test_children_get_the_same_arguments_without_processes_and_with_their_index() -> None:
@@ -42,12 +43,6 @@ def test_bad_process_settings_are_configuration_errors(
     )
     assert done.returncode == 2
     assert error in done.stderr
-
-
-def _children(pid: int) -> list[int]:
-    with contextlib.suppress(OSError):
-        return sorted(int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split())
-    return []
 
 
 async def _until(condition: Callable[[], bool], what: str) -> None:
@@ -90,8 +85,8 @@ async def test_two_processes_share_the_port_and_a_killed_one_is_replaced(
     supervisor = _spawn([*map(str, args), "--processes", "2"], tmp_path / "run.log")
     url = f"http://127.0.0.1:{port}/v1/messages"
     try:
-        await _until(lambda: len(_children(supervisor.pid)) == 2, "two children started")
-        first = _children(supervisor.pid)
+        await _until(lambda: len(child_pids(supervisor.pid)) == 2, "two children started")
+        first = child_pids(supervisor.pid)
         await _wait_listening(url)
 
         batch = [signed("licence.import") for _ in range(20)]
@@ -109,9 +104,9 @@ async def test_two_processes_share_the_port_and_a_killed_one_is_replaced(
 
         os.kill(first[0], signal.SIGKILL)
         await _until(
-            lambda: len(kids := _children(supervisor.pid)) == 2 and first[0] not in kids, "the dead child replaced"
+            lambda: len(kids := child_pids(supervisor.pid)) == 2 and first[0] not in kids, "the dead child replaced"
         )
-        assert first[1] in _children(supervisor.pid)  # the other one was left alone
+        assert first[1] in child_pids(supervisor.pid)  # the other one was left alone
         await _wait_listening(url)
         more = [signed("licence.import") for _ in range(20)]
         assert await _post_all(url, more) == [202] * 20
@@ -123,7 +118,7 @@ async def test_two_processes_share_the_port_and_a_killed_one_is_replaced(
         assert not _alive(first[1])
     finally:
         if supervisor.poll() is None:
-            for pid in _children(supervisor.pid):
+            for pid in child_pids(supervisor.pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             supervisor.kill()

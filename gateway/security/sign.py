@@ -203,7 +203,7 @@ class Signer:
         template = self._template
         # signxml signs a copy of the element as a document of its own: an element inside another document
         # (with a tail, ancestors) is copied here too, so that it is what gets signed and serialised
-        unsigned = envelope if not copy and envelope.getparent() is None else _copy(envelope)
+        unsigned = envelope if not copy and envelope.getparent() is None else copy_element(envelope)
         for old in unsigned.findall(SIGNATURE):
             unsigned.remove(old)
         if template is None or _stock_only(unsigned):
@@ -212,7 +212,7 @@ class Signer:
 
     def sign_content(self, envelope: etree._Element) -> etree._Element:
         """Return a copy of ``envelope`` with the issuing authority's signature over ``Body/Content``."""
-        unsigned = _copy(envelope)
+        unsigned = copy_element(envelope)
         body = unsigned.find(BODY)
         content = body.find(CONTENT) if body is not None else None
         if body is None or content is None:
@@ -237,7 +237,3 @@ def _stock_only(unsigned: etree._Element) -> bool:
     if unsigned.get("Id") is not None or unsigned.get("ID") is not None:
         return True
     return any(sig.get("Id") == "placeholder" for sig in unsigned.iter(SIGNATURE))
-
-
-def _copy(element: etree._Element) -> etree._Element:
-    return copy_element(element)

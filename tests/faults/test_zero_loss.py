@@ -28,6 +28,7 @@ from tests.conftest import free_port
 from tests.e2e.conftest import Rabbit, write_routing
 from tests.faults.harness import LONG, Load, Process, check_keys, peer_queues_of, tally, wait_all_delivered, wait_ready
 from tests.support.agency import WAIT, Agency
+from tests.support.procs import child_pids
 
 BURST = 40 if LONG else 15  # accepted messages between two faults
 ROUNDS = 5 if LONG else 1
@@ -174,13 +175,6 @@ async def test_rabbitmq_every_fault_in_turn(
         rig.kill_all()
 
 
-def _children(pid: int) -> list[int]:
-    try:
-        return sorted(int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split())
-    except OSError:
-        return []
-
-
 @pytest.mark.rabbitmq
 async def test_rabbitmq_sigkill_of_one_of_two_processes_loses_nothing(
     pki_dir: Path, tmp_path: Path, rabbit: Rabbit, agencies: Callable[..., Any], signed: Callable[..., bytes]
@@ -195,11 +189,11 @@ async def test_rabbitmq_sigkill_of_one_of_two_processes_loses_nothing(
 
         async def kill_one_child() -> None:
             async with asyncio.timeout(WAIT):
-                while len(before := _children(pid)) < 2:  # noqa: ASYNC110 -- a process table has no event
+                while len(before := child_pids(pid)) < 2:  # noqa: ASYNC110 -- a process table has no event
                     await asyncio.sleep(0.1)
             os.kill(before[0], signal.SIGKILL)
             async with asyncio.timeout(WAIT):
-                while before[0] in (now := _children(pid)) or len(now) < 2:  # noqa: ASYNC110
+                while before[0] in (now := child_pids(pid)) or len(now) < 2:  # noqa: ASYNC110
                     await asyncio.sleep(0.1)
 
         await run_faults(rig, signed, "rabbitmq:one-of-two-processes-sigkill", kill_one_child)
