@@ -19,7 +19,7 @@ import yaml
 
 from bench import messages as msgs
 from bench.agency import CountingAgency
-from bench.procs import Child, child_env, free_port, loadgen, vm_hwm_kb
+from bench.procs import Child, CpuMeter, broker_pid, child_env, free_port, loadgen, vm_hwm_kb
 from gateway.brokers import names
 from gateway.config import Settings
 from gateway.partners import PartnerRegistry
@@ -34,6 +34,8 @@ DESTINATION = "agency"
 class Plan:
     duration: float  # seconds per load phase
     offered_rate: float = 500.0
+    # lower offered loads, 5 KB only: up to which load the latency stays low (below saturation)
+    curve_rates: tuple[float, ...] = (100.0, 250.0)
     sizes: tuple[int, ...] = (5_000, 100_000)
     large_size: int = 20_000_000
     processes: int = 2  # `nswgw run --processes N`: N copies sharing the port (one per core)
@@ -126,6 +128,11 @@ class Deployment:
     ) -> dict[str, Any]:
         """One load phase and its delivery: the loadgen's result plus delivered/s and drain time."""
         batch = msgs.save(bodies, self.dir / f"messages-{uuid.uuid4().hex[:6]}.pickle")
+        assert self.gateway is not None
+        meter = CpuMeter(
+            [self.gateway.pid, *self.gateway.children()], broker_pid() if self.backend == "rabbitmq" else None
+        )
+        meter.start()
         started = time.perf_counter()
         result = await loadgen(
             self.urls,
@@ -138,6 +145,7 @@ class Deployment:
         batch.unlink()
         keys = {f"{mid}:{DESTINATION}" for mid in result.pop("accepted_ids")}
         complete = await self.agency.wait_for(keys, drain)
+        cpu = meter.stop(len(keys))
         seen = [self.agency.first_seen[k] for k in keys if k in self.agency.first_seen]
         last = max(seen, default=started)
         result |= {
@@ -145,6 +153,7 @@ class Deployment:
             "all_delivered": complete,
             "delivered_per_s": len(seen) / (last - started) if seen else 0.0,
             "drain_s": max(0.0, last - started - result["elapsed_s"]),
+            "cpu": cpu,  # from the start of the load to the last delivery
         }
         return result
 
@@ -157,12 +166,17 @@ class Pools:
     warm_up: list[bytes]
     saturation: list[bytes]
     fixed_rate: list[bytes]
+    curve: dict[float, list[bytes]]  # offered rate -> its messages (the smallest size only)
 
     @classmethod
     def sign(cls, pki_dir: Path, size: int, plan: Plan) -> Pools:
         count, offered = int(plan.cap_per_s[size] * plan.duration), int(plan.offered_rate * plan.duration)
-        every = msgs.signed_messages(pki_dir, size, 20 + count + offered)
-        return cls(every[:20], every[20 : 20 + count], every[20 + count :])
+        rates = plan.curve_rates if size == min(plan.sizes) else ()
+        every = msgs.signed_messages(pki_dir, size, 20 + count + offered + sum(int(r * plan.duration) for r in rates))
+        curve, start = {}, 20 + count + offered
+        for rate in rates:
+            curve[rate], start = every[start : start + int(rate * plan.duration)], start + int(rate * plan.duration)
+        return cls(every[:20], every[20 : 20 + count], every[20 + count : 20 + count + offered], curve)
 
 
 async def measure(pki_dir: Path, work: Path, backend: str, pools: Pools, plan: Plan) -> dict[str, Any]:
@@ -176,7 +190,16 @@ async def measure(pki_dir: Path, work: Path, backend: str, pools: Pools, plan: P
             duration=plan.duration,
             rate=plan.offered_rate,
         )
-        return {"saturation": saturation, "fixed_rate": fixed, "peak_rss_kb": deployment.peak_rss_kb()}
+        curve = {
+            str(rate): await deployment.drive(bodies, concurrency=64, duration=plan.duration, rate=rate)
+            for rate, bodies in pools.curve.items()
+        }
+        return {
+            "saturation": saturation,
+            "fixed_rate": fixed,
+            "curve": curve,
+            "peak_rss_kb": deployment.peak_rss_kb(),
+        }
     finally:
         await deployment.stop()
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -30,6 +31,69 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env.update({k[len("BENCHENV_") :]: v for k, v in env.items() if k.startswith("BENCHENV_")})
     env["PYTHONPATH"] = str(REPO)
     return env
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time a live process has used so far, from /proc/<pid>/stat."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine spent not idle (all cores), from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(values) - values[3] - values[4]) / _TICK  # minus idle and iowait
+
+
+def broker_pid() -> int | None:
+    """The local RabbitMQ server (the Erlang VM, ``beam.smp``), if one runs on this machine."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == "beam.smp":
+                    return int(entry.name)
+            except OSError:
+                continue
+    return None
+
+
+class CpuMeter:
+    """CPU seconds used between ``start`` and ``stop`` by each part of a measurement.
+
+    ``gateway``: the gateway processes (live, read from /proc); ``broker``: the local RabbitMQ server;
+    ``load generator``: the children this process reaped meanwhile (the loadgen is the only one);
+    ``agency``: this process (the agency lives here; the bench itself mostly waits); ``machine``: every core.
+    """
+
+    def __init__(self, gateway_pids: Sequence[int], broker: int | None) -> None:
+        self._pids = {"gateway": list(gateway_pids), "broker": [broker] if broker else []}
+        self._start: dict[str, float] = {}
+        self._wall = 0.0
+
+    def _read(self) -> dict[str, float]:
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+        out = {name: sum(cpu_seconds(pid) or 0.0 for pid in pids) for name, pids in self._pids.items()}
+        out["load generator"] = reaped.ru_utime + reaped.ru_stime
+        out["agency"] = own.ru_utime + own.ru_stime
+        out["machine"] = machine_busy_seconds()
+        return out
+
+    def start(self) -> None:
+        self._start, self._wall = self._read(), time.perf_counter()
+
+    def stop(self, messages: int) -> dict[str, Any]:
+        """CPU ms per message for each part, and how many cores the machine kept busy meanwhile."""
+        end, wall = self._read(), time.perf_counter() - self._wall
+        used = {name: end[name] - self._start[name] for name in end}
+        per = {name: 1000 * seconds / messages if messages else None for name, seconds in used.items()}
+        return {"ms_per_message": per, "busy_cores": used["machine"] / wall if wall else None, "cpus": os.cpu_count()}
 
 
 def vm_hwm_kb(pid: int) -> int | None:

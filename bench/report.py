@@ -17,6 +17,16 @@ def _mb(kb: int | None) -> str:
     return "-" if kb is None else f"{kb / 1024:.0f}"
 
 
+def _cpu_line(cpu: dict[str, Any], processes: int) -> str:
+    """Where the machine's CPU went at saturation, in ms per accepted message."""
+    per = cpu["ms_per_message"]
+    parts = [f"gateway {_f(per['gateway'], 2)} ({processes} processes)"]
+    parts += [f"{name} {_f(per[name], 2)}" for name in ("broker", "load generator", "agency") if per.get(name)]
+    parts.append(f"whole machine {_f(per['machine'], 2)}")
+    busy = f"{_f(cpu['busy_cores'], 2)} of {cpu['cpus']} cores busy"
+    return f"     CPU ms per message at saturation: {', '.join(parts)}; {busy}"
+
+
 def table(result: dict[str, Any]) -> str:
     processes = result["plan"]["processes"]
     lines = [
@@ -67,15 +77,20 @@ def table(result: dict[str, Any]) -> str:
                 ("delivered/s to the agency", sat["delivered_per_s"], sat["accepted_per_s"], "accepted/s"),
             ):
                 lines.append(row.format(f"  {label}", _f(value), _f(against), _ratio(value, against), against_name))
-            lines.append(
-                row.format(
-                    f"  p50 / p99 ms at {result['plan']['offered_rate']:.0f} msg/s offered",
-                    f"{_f(fixed['p50_ms'], 1)} / {_f(fixed['p99_ms'], 1)}",
-                    "",
-                    "",
-                    f"achieved {_f(fixed['accepted_per_s'])}/s",
+            offered = {float(rate): phase for rate, phase in run.get("curve", {}).items()}
+            offered[result["plan"]["offered_rate"]] = fixed
+            for rate, phase in sorted(offered.items()):
+                lines.append(
+                    row.format(
+                        f"  p50 / p99 ms at {rate:.0f} msg/s offered",
+                        f"{_f(phase['p50_ms'], 1)} / {_f(phase['p99_ms'], 1)}",
+                        "",
+                        "",
+                        f"achieved {_f(phase['accepted_per_s'])}/s",
+                    )
                 )
-            )
+            if "cpu" in sat:
+                lines.append(_cpu_line(sat["cpu"], processes))
             statuses = {**sat["statuses"]}
             statuses.pop("202", None)
             if statuses or not sat["all_delivered"] or not fixed["all_delivered"]:
