@@ -9,7 +9,21 @@ Every gateway owns its own ``CollectorRegistry`` (tests run many gateways in one
 follow Prometheus conventions: ``nsw_`` prefix, seconds, ``_total`` counters, and labels drawn from
 bounded sets only (destinations, codes, registered parties) -- never a message id.
 
-Exported (per process; Prometheus sums ingress and worker processes)::
+``--processes N`` (gateway/supervisor.py) runs N children behind one port, and a scrape reaches
+whichever child the kernel picks. So there the children count in prometheus_client's multiprocess mode
+(https://prometheus.github.io/client_python/multiprocess/): the supervisor gives each child
+``PROMETHEUS_MULTIPROC_DIR`` before it starts, every value lives in a per-pid file in that directory,
+and any child's ``/metrics`` (the shared port or its own ``--metrics-port + I``) sums every child's
+files at scrape time -- including those of a child that died, so a restart never makes a counter go
+backwards. Gauges: ``nsw_deliveries_in_flight`` is ``livesum`` (a dead child's attempts go back to
+the queue, and out of the sum with ``mark_process_dead``); the circuit breakers are published by each
+child into a ``livemax`` gauge (``keep_breakers_published``), so a state is 1 when any live child's
+breaker for that destination is in it. The certificate collector reads files every child reads
+alike: the answering child serves it. A single process (and every test gateway) keeps its own
+registry as before.
+
+Exported (a single process: its own counts, Prometheus sums separate ingress and worker processes;
+``--processes N``: the whole gateway's counts, on every child)::
 
     nsw_messages_received_total                       every submission the ingress answered
     nsw_messages_accepted_total                       202 with a new receipt
@@ -24,21 +38,26 @@ Exported (per process; Prometheus sums ingress and worker processes)::
     nsw_deliveries_in_flight{destination}             attempts running longer than 1 s (announced), not yet settled
     nsw_delivery_duration_seconds{destination}        histogram: DELIVERING -> DELIVERED of one attempt
     nsw_signature_failures_total{party,code}          SIGNATURE_* / CERT_* rejections by claimed sender
-    nsw_circuit_breaker_state{destination,state}      1 for the breaker's current state, else 0
+    nsw_circuit_breaker_state{destination,state}      1 for the breaker's current state, else 0 (--processes N:
+                                                      1 for every state some live child's breaker is in)
     nsw_certificate_expiry_seconds{party,kind,subject,fingerprint}   seconds until notAfter (< 0: expired)
     nsw_routing_reloads_total{outcome}                ok | error
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import asyncio
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Final
 
 import structlog
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from gateway.access import metrics_allowed
@@ -63,13 +82,39 @@ SIGNATURE_CODES: Final = frozenset(
 )
 UNKNOWN_PARTY: Final = "unknown"
 LATENCY_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's switch, read when it is imported
+BREAKER_PUBLISH_SECONDS: Final = 1.0
+BREAKER_METRIC: Final = "nsw_circuit_breaker_state"
+BREAKER_HELP: Final = "Circuit breaker per destination: 1 for the current state (closed, open, half_open), else 0"
+
+
+def multiprocess_dir() -> Path | None:
+    """The shared directory if this process counts in prometheus_client's multiprocess mode, else ``None``.
+
+    The mode is fixed when prometheus_client is imported, by ``PROMETHEUS_MULTIPROC_DIR`` being in the
+    environment: only the supervisor's children have it (gateway/supervisor.py).
+    """
+    path = os.environ.get(MULTIPROC_ENV)
+    if not path or values.ValueClass is values.MutexValue:
+        return None
+    return Path(path)
 
 
 class GatewayMetrics:
-    """The metric objects of one gateway, in its own registry."""
+    """The metric objects of one gateway, in its own registry.
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    With ``multiprocess_dir`` (a child of ``--processes N``; prometheus_client must already be in
+    multiprocess mode, see ``multiprocess_dir()``) the values live in that directory's per-process files
+    and a scrape answers for all the processes writing there. The metric objects then stay in
+    ``registry`` and the scrape reads ``exposed``, a second registry holding the ``MultiProcessCollector``
+    and the custom collectors: exposing both would export every series twice.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None, *, multiprocess_dir: Path | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.exposed = self.registry
+        self._breaker_gauge: Gauge | None = None
+        self._breaker_states: Callable[[], Mapping[str, str]] = dict
         r = self.registry
         self.received = Counter("nsw_messages_received", "Submissions the ingress answered", registry=r)
         self.accepted = Counter("nsw_messages_accepted", "Messages accepted with a new signed receipt", registry=r)
@@ -93,6 +138,7 @@ class GatewayMetrics:
             "nsw_deliveries_in_flight",
             "Delivery attempts running longer than 1 s and not yet settled",
             ["destination"],
+            multiprocess_mode="livesum",  # what the live children hold; a dead child's attempts are requeued
             registry=r,
         )
         self.latency = Histogram(
@@ -113,12 +159,57 @@ class GatewayMetrics:
             self.rejected.labels(code=code.value)  # every code is a series from the start, at 0
         for outcome in ("ok", "error"):
             self.reloads.labels(outcome=outcome)
+        if multiprocess_dir is not None:
+            if values.ValueClass is values.MutexValue:
+                raise ValueError(f"{MULTIPROC_ENV} must be set before prometheus_client is imported")
+            self.exposed = CollectorRegistry()
+            MultiProcessCollector(self.exposed, path=str(multiprocess_dir))  # type: ignore[no-untyped-call]
+            self._breaker_gauge = Gauge(
+                BREAKER_METRIC, BREAKER_HELP, ["destination", "state"], multiprocess_mode="livemax", registry=r
+            )
+
+    @property
+    def multiprocess(self) -> bool:
+        return self.exposed is not self.registry
 
     def add_collector(self, collector: Collector) -> None:
-        self.registry.register(collector)
+        self.exposed.register(collector)
+
+    def watch_breakers(self, states: Callable[[], Mapping[str, str]]) -> None:
+        """Export ``nsw_circuit_breaker_state`` from ``states`` (destination -> state).
+
+        One process: read at scrape time (``BreakerCollector``). Multiprocess: each child's breakers are
+        its own, and a scrape reaches one child, so every child writes its states into a shared gauge
+        (``keep_breakers_published``) whose ``livemax`` shows, per destination, 1 for every state some
+        live child is in. Chosen over a per-process label (a new set of series at every restart, and
+        queries that must aggregate it away) and over "the worst state" (it would hide that the other
+        children still deliver): the series keep the names and labels of one process, an alert on
+        ``state="open" == 1`` fires as soon as any child holds the destination back, and a mixed state
+        shows as two 1s. Other children's states lag by at most ``BREAKER_PUBLISH_SECONDS``.
+        """
+        if self._breaker_gauge is None:
+            self.add_collector(BreakerCollector(states))
+        else:
+            self._breaker_states = states
+
+    def publish_breakers(self) -> None:
+        """Multiprocess mode: write this process's breaker states to the shared files (else nothing)."""
+        if self._breaker_gauge is None:
+            return
+        for destination, state, value in breaker_samples(self._breaker_states()):
+            self._breaker_gauge.labels(destination=destination, state=state).set(value)
+
+    async def keep_breakers_published(self, interval: float = BREAKER_PUBLISH_SECONDS) -> None:
+        """``publish_breakers`` until cancelled: a breaker turns half_open by time alone, with no call to hook."""
+        while True:
+            try:
+                self.publish_breakers()
+            except Exception:  # metrics are optional: the next round tries again
+                log.exception("metrics.breakers_unpublished")
+            await asyncio.sleep(interval)
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.exposed)
 
 
 class EventCounter:
@@ -256,6 +347,13 @@ class MetricsLedger:
         return getattr(self.inner, name)
 
 
+def breaker_samples(states: Mapping[str, str]) -> Iterator[tuple[str, str, float]]:
+    """(destination, state, 1.0 or 0.0) for every state of every destination's breaker."""
+    for destination, current in sorted(states.items()):
+        for state in BreakerState:
+            yield destination, state.value, 1.0 if state.value == current else 0.0
+
+
 class BreakerCollector(Collector):
     """``nsw_circuit_breaker_state``: read from the workers at scrape time (empty without a worker)."""
 
@@ -263,14 +361,9 @@ class BreakerCollector(Collector):
         self._states = states
 
     def collect(self) -> Iterable[Metric]:
-        family = GaugeMetricFamily(
-            "nsw_circuit_breaker_state",
-            "Circuit breaker per destination: 1 for the current state (closed, open, half_open), else 0",
-            labels=["destination", "state"],
-        )
-        for destination, current in sorted(self._states().items()):
-            for state in BreakerState:
-                family.add_metric([destination, state.value], 1.0 if state.value == current else 0.0)
+        family = GaugeMetricFamily(BREAKER_METRIC, BREAKER_HELP, labels=["destination", "state"])
+        for destination, state, value in breaker_samples(self._states()):
+            family.add_metric([destination, state], value)
         yield family
 
 

@@ -19,7 +19,6 @@ from gateway.brokers.base import Broker
 from gateway.brokers.factory import make_broker
 from gateway.config import Settings
 from gateway.metrics import (
-    BreakerCollector,
     CertificateExpiryCollector,
     EventCounter,
     GatewayMetrics,
@@ -82,7 +81,9 @@ class Gateway:
     reloader: RoutingReloader | None = None
 
     @classmethod
-    async def open(cls, settings: Settings, *, routing: RoutingTable | None = None) -> Gateway:
+    async def open(
+        cls, settings: Settings, *, routing: RoutingTable | None = None, metrics: GatewayMetrics | None = None
+    ) -> Gateway:
         trust = TrustStore.load(settings.trust_dir)
         partners = PartnerRegistry.load(settings.partners_path)
         validator = Validator(DocumentTypeRegistry.load(settings.registry_file))
@@ -100,7 +101,7 @@ class Gateway:
         ledger = make_ledger(settings.database_url, settings.data_dir, synchronous=settings.sqlite_synchronous)
         await ledger.open()
         # Metrics are counted from the events the ledger carries (gateway/metrics.py); one registry per gateway.
-        metrics = GatewayMetrics()
+        metrics = metrics if metrics is not None else GatewayMetrics()
         ledger = MetricsLedger(ledger, EventCounter(metrics, is_party=lambda p: partners.get(p) is not None))
         broker = broker_for(settings)
         try:
@@ -127,7 +128,7 @@ class Gateway:
         gateway = cls(
             settings, trust, partners, validator, routing, broker, ledger, signer, receipts, pipeline, metrics=metrics
         )
-        metrics.add_collector(BreakerCollector(gateway.breaker_states))
+        metrics.watch_breakers(gateway.breaker_states)
         metrics.add_collector(CertificateExpiryCollector(CertificateInventory(settings, partners).current))
         return gateway
 
