@@ -58,20 +58,24 @@ async def _serve(
     metrics_port: int | None = None,
     metrics_host: str | None = None,
     reuse_port: bool = False,
+    multiprocess_dir: Path | None = None,
 ) -> None:
     from aiohttp import web
 
     from gateway.ingress import create_app
-    from gateway.metrics import start_metrics_server
+    from gateway.metrics import GatewayMetrics, start_metrics_server
     from gateway.runtime import Gateway
 
-    gw = await Gateway.open(settings)
+    metrics = GatewayMetrics(multiprocess_dir=multiprocess_dir)
+    gw = await Gateway.open(settings, metrics=metrics)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     runner: web.AppRunner | None = None
     metrics_runner: web.AppRunner | None = None
+    # --processes N: this child's breakers reach the other children's scrapes (gateway/metrics.py)
+    publisher = asyncio.create_task(metrics.keep_breakers_published()) if metrics.multiprocess else None
     try:
         if worker:
             await gw.start_worker()
@@ -91,6 +95,10 @@ async def _serve(
             print(f"nswgw listening on {settings.host}:{settings.port}", file=sys.stderr)
         await stop.wait()
     finally:
+        if publisher is not None:
+            publisher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await publisher
         if runner is not None:
             await runner.cleanup()
         if metrics_runner is not None:
@@ -132,7 +140,14 @@ def _service(args: argparse.Namespace, *, ingress: bool, worker: bool) -> int:
 
         if ingress and settings.port == 0:
             raise ConfigError("--processes > 1 shares one listening port: give a fixed --port, not 0")
-        return Supervisor(args.argv, settings.processes).run()
+        return Supervisor(args.argv, settings.processes, data_dir=settings.data_dir).run()
+    shared_metrics = None
+    if args.child is not None:
+        from gateway.metrics import MULTIPROC_ENV, multiprocess_dir
+
+        shared_metrics = multiprocess_dir()
+        if shared_metrics is None:
+            raise ConfigError(f"--child is for the children of --processes N, whose supervisor sets {MULTIPROC_ENV}")
     metrics_port = args.metrics_port + (args.child or 0) if args.metrics_port is not None else None
     asyncio.run(
         _serve(
@@ -142,6 +157,7 @@ def _service(args: argparse.Namespace, *, ingress: bool, worker: bool) -> int:
             metrics_port=metrics_port,
             metrics_host=args.metrics_host,
             reuse_port=args.child is not None,
+            multiprocess_dir=shared_metrics,
         )
     )
     return EXIT_OK
@@ -425,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--processes",
             type=int,
             help="run this many copies sharing the port, one per core (setting `processes`; default 1); "
-            "process I serves its metrics on --metrics-port + I",
+            "process I also serves /metrics on --metrics-port + I; every /metrics shows the whole gateway's counts",
         )
         p.add_argument("--child", type=int, help=argparse.SUPPRESS)  # set by the supervisor
         p.set_defaults(func=func)

@@ -14,21 +14,34 @@ with the same messageId), and its unacknowledged deliveries go back to the queue
 are passed on to every child; on SIGTERM/SIGINT the supervisor waits for the children to finish their
 drain, then exits. If the supervisor itself is killed, the kernel sends each child SIGTERM
 (PR_SET_PDEATHSIG), so no orphan keeps the port.
+
+Metrics are the one thing the children share through files: a scrape reaches one child, so they count
+in prometheus_client's multiprocess mode in a directory of the supervisor's (``MetricsDir``), and each
+child answers for all of them (gateway/metrics.py). A dead child's counters stay in their files, so the
+totals never go backwards; its live gauges are dropped (``mark_process_dead``) before it is replaced.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import fcntl
+import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
+from typing import IO
 
 import structlog
+from prometheus_client.multiprocess import mark_process_dead
 
 log = structlog.get_logger("nsw.supervisor")
 
@@ -38,6 +51,11 @@ STOP_GRACE_SECONDS = 30.0
 STEADY_SECONDS = 60.0  # a child that lived this long is "healthy": its restart pause starts over
 MAX_PAUSE_SECONDS = 30.0
 EXIT_USAGE = 2  # what `nswgw` exits with on a configuration error (gateway/cli.py)
+# prometheus_client's switch, as gateway.metrics.MULTIPROC_ENV: importing that module (aiohttp and all)
+# would double the supervisor's memory
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+METRICS_SUBDIR = "metrics"
+LOCK_NAME = ".lock"
 
 
 def child_argv(argv: Sequence[str], index: int) -> list[str]:
@@ -62,6 +80,70 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def _try_lock(path: Path) -> IO[bytes] | None:
+    """``path`` opened and exclusively flock-ed, or ``None`` if another open file holds the lock."""
+    handle = path.open("ab")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
+
+
+def _removal_failed(_function: object, path: str, exc_info: tuple[type[BaseException], BaseException, object]) -> None:
+    # metrics files left behind only take disk space (the next start retries): never a reason to fail
+    log.warning("supervisor.metrics_file_kept", path=path, error=str(exc_info[1]))
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with path.open("ab") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed
+        yield
+
+
+class MetricsDir:
+    """The children's ``PROMETHEUS_MULTIPROC_DIR``: ``<data>/metrics/<pid>-<random>``, new for every run.
+
+    One per supervisor, not per data folder: a ``serve`` and a ``worker`` supervisor may share a data
+    folder (the embedded broker), even with the same pid (pid 1 of two containers), and must not add up
+    or wipe each other's counts. A fresh directory starts with no files, as the multiprocess mode
+    requires. The supervisor holds a flock on ``<dir>/.lock`` while it runs: the next one to start
+    removes every directory whose lock nobody holds (a SIGKILLed supervisor's leftovers), under
+    ``<data>/metrics/.lock`` so that no sweep meets a directory still being created.
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        self.root = data_dir / METRICS_SUBDIR
+        self.path: Path | None = None
+        self._lock: IO[bytes] | None = None
+
+    def claim(self) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with _locked(self.root / LOCK_NAME):
+            for old in self.root.iterdir():
+                if old.is_dir() and (stale := _try_lock(old / LOCK_NAME)) is not None:
+                    with stale:
+                        shutil.rmtree(old, onerror=_removal_failed)
+                    log.info("supervisor.stale_metrics_dir", path=str(old))
+            self.path = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=self.root))
+            self._lock = _try_lock(self.path / LOCK_NAME)
+        return self.path
+
+    def process_dead(self, pid: int) -> None:
+        if self.path is not None:
+            mark_process_dead(pid, str(self.path))  # type: ignore[no-untyped-call]
+
+    def release(self) -> None:
+        if self.path is not None:
+            shutil.rmtree(self.path, onerror=_removal_failed)
+            self.path = None
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+
 @dataclass
 class _Slot:
     index: int
@@ -72,19 +154,21 @@ class _Slot:
     restart_at: float = 0.0
     restarts: int = field(default=0)
 
-    def start(self) -> None:
+    def start(self, env: Mapping[str, str]) -> None:
         command = [sys.executable, "-m", "gateway", *self.argv]
         # preexec_fn is unsafe only with threads running; the supervisor is single-threaded
-        self.process = subprocess.Popen(command, preexec_fn=_die_with_parent)  # noqa: PLW1509
+        self.process = subprocess.Popen(command, env=env, preexec_fn=_die_with_parent)  # noqa: PLW1509
         self.started = time.monotonic()
         log.info("supervisor.child_started", child=self.index, pid=self.process.pid, restarts=self.restarts)
 
 
 class Supervisor:
-    def __init__(self, argv: Sequence[str], processes: int) -> None:
+    def __init__(self, argv: Sequence[str], processes: int, *, data_dir: Path) -> None:
         if processes < 2:
             raise ValueError("a supervisor is for two processes or more")
         self.slots = [_Slot(i, child_argv(argv, i)) for i in range(processes)]
+        self.metrics = MetricsDir(data_dir)
+        self._env: dict[str, str] = {}
         self._stopping = False
         self._failed = 0
         self._pending: list[int] = []
@@ -95,8 +179,15 @@ class Supervisor:
     def run(self) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self._on_signal)
+        self._env = {**os.environ, MULTIPROC_ENV: str(self.metrics.claim())}
+        try:
+            return self._supervise()
+        finally:
+            self.metrics.release()
+
+    def _supervise(self) -> int:
         for slot in self.slots:
-            slot.start()
+            slot.start(self._env)
         while True:
             self._forward_signals()
             if self._stopping:
@@ -122,11 +213,12 @@ class Supervisor:
             if slot.process is None:
                 if now >= slot.restart_at:
                     slot.restarts += 1
-                    slot.start()
+                    slot.start(self._env)
                 continue
             code = slot.process.poll()
             if code is None:
                 continue
+            self.metrics.process_dead(slot.process.pid)
             if code == EXIT_USAGE:  # a configuration error: every restart would fail the same way
                 log.error("supervisor.child_config_error", child=slot.index)
                 self._failed = EXIT_USAGE

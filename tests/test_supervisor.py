@@ -1,9 +1,11 @@
-"""`nswgw run --processes N`: N children share the port, a killed child is replaced, SIGTERM stops all."""
+"""`nswgw run --processes N`: N children share the port, a killed child is replaced, SIGTERM stops all;
+every child's /metrics answers for all of them."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import os
 import signal
 import subprocess
@@ -14,9 +16,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.supervisor import child_argv
+from gateway.metrics import MULTIPROC_ENV
+from gateway.supervisor import METRICS_SUBDIR, MetricsDir, child_argv
 from tests.conftest import free_port
 from tests.e2e.conftest import child_env, write_routing
+from tests.operator.helpers import parse_metrics, value
 from tests.support.agency import WAIT, Agency
 from tests.support.procs import child_pids
 
@@ -79,9 +83,7 @@ async def test_two_processes_share_the_port_and_a_killed_one_is_replaced(
     agency = await Agency("moit").start()
     port = free_port()
     routing = write_routing(tmp_path / "routing.yaml", {"moit": agency})
-    metrics_port = free_port()  # child I serves its metrics on metrics_port + I
     args = ["run", "--certs", pki_dir, "--data", tmp_path / "var", "--routing", routing, "--port", port]
-    args += ["--metrics-port", metrics_port]
     supervisor = _spawn([*map(str, args), "--processes", "2"], tmp_path / "run.log")
     url = f"http://127.0.0.1:{port}/v1/messages"
     try:
@@ -91,16 +93,6 @@ async def test_two_processes_share_the_port_and_a_killed_one_is_replaced(
 
         batch = [signed("licence.import") for _ in range(20)]
         assert await _post_all(url, batch) == [202] * 20
-        accepted = 0.0
-        async with httpx.AsyncClient() as client:
-            for child in (0, 1):
-                text = (await client.get(f"http://127.0.0.1:{metrics_port + child}/metrics")).text
-                accepted += sum(
-                    float(line.rsplit(" ", 1)[1])
-                    for line in text.splitlines()
-                    if line.startswith("nsw_messages_accepted_total")
-                )
-        assert accepted == 20  # the two children's own counters add up to what was sent
 
         os.kill(first[0], signal.SIGKILL)
         await _until(
@@ -117,13 +109,18 @@ async def test_two_processes_share_the_port_and_a_killed_one_is_replaced(
         assert await asyncio.to_thread(supervisor.wait, 60) == 0
         assert not _alive(first[1])
     finally:
-        if supervisor.poll() is None:
-            for pid in child_pids(supervisor.pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            supervisor.kill()
-            supervisor.wait(10)
+        _kill_all(supervisor)
         await agency.stop()
+
+
+def _kill_all(supervisor: subprocess.Popen[bytes]) -> None:
+    """What a failed test left running; the children first, so that none is left draining."""
+    if supervisor.poll() is None:
+        for pid in child_pids(supervisor.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        supervisor.kill()
+        supervisor.wait(10)
 
 
 def _alive(pid: int) -> bool:
@@ -157,3 +154,135 @@ def test_a_configuration_error_in_the_children_stops_the_supervisor_with_exit_2(
     assert done.returncode == 2
     assert done.stderr.count("trust directory not found") == 2  # each child said why; none was restarted
     assert "supervisor.child_config_error" in done.stderr
+
+
+async def test_every_scrape_of_two_processes_counts_both_and_a_restart_loses_no_count(
+    pki_dir: Path, tmp_path: Path, signed: Callable[..., bytes]
+) -> None:
+    agency = await Agency("moit").start()
+    port, metrics_port = free_port(), free_port()  # child I also serves /metrics on metrics_port + I
+    routing = write_routing(tmp_path / "routing.yaml", {"moit": agency})
+    data = tmp_path / "var"
+    args = ["run", "--certs", pki_dir, "--data", data, "--routing", routing, "--port", port]
+    supervisor = _spawn([*map(str, [*args, "--metrics-port", metrics_port]), "--processes", "2"], tmp_path / "run.log")
+    url = f"http://127.0.0.1:{port}/v1/messages"
+    try:
+        await _until(lambda: len(child_pids(supervisor.pid)) == 2, "two children started")
+        first = child_pids(supervisor.pid)
+        await _wait_listening(url)
+        shared = _metrics_dirs(data)
+        assert len(shared) == 1
+        assert {_environ(pid).get(MULTIPROC_ENV) for pid in first} == {str(shared[0])}
+
+        assert await _post_all(url, [signed("licence.import") for _ in range(12)]) == [202] * 12
+        assert await _accepted_everywhere(port, metrics_port, first) == {12.0}
+
+        os.kill(first[0], signal.SIGKILL)
+        # the survivor, before or after the replacement: never less than what was accepted
+        assert await _accepted(metrics_port + 1) == 12
+        await _until(lambda: len(kids := child_pids(supervisor.pid)) == 2 and first[0] not in kids, "replaced")
+        await _until_answering(metrics_port)  # the replacement is up (metrics start just before the ingress)
+        assert await _accepted(metrics_port) == 12
+
+        assert await _post_all(url, [signed("licence.import") for _ in range(8)]) == [202] * 8
+        assert await _accepted_everywhere(port, metrics_port, child_pids(supervisor.pid)) == {20.0}
+
+        supervisor.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(supervisor.wait, 60) == 0
+        assert _metrics_dirs(data) == []  # removed with the supervisor
+    finally:
+        _kill_all(supervisor)
+        await agency.stop()
+
+
+def _metrics_dirs(data: Path) -> list[Path]:
+    root = data / METRICS_SUBDIR
+    return sorted(p for p in root.iterdir() if p.is_dir()) if root.exists() else []
+
+
+def _environ(pid: int) -> dict[str, str]:
+    pairs = Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0")
+    return dict(pair.split("=", 1) for pair in pairs if "=" in pair)
+
+
+async def _accepted(port: int) -> float | None:
+    async with httpx.AsyncClient() as client:
+        response = await client.get(f"http://127.0.0.1:{port}/metrics")
+    assert response.status_code == 200, response.text
+    return value(parse_metrics(response.text), "nsw_messages_accepted_total")
+
+
+async def _until_answering(port: int) -> None:
+    async with httpx.AsyncClient() as client, asyncio.timeout(WAIT):
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                if (await client.get(f"http://127.0.0.1:{port}/livez")).status_code == 200:
+                    return
+            await asyncio.sleep(0.1)
+
+
+async def _accepted_everywhere(port: int, metrics_port: int, children: list[int]) -> set[float | None]:
+    """``nsw_messages_accepted_total`` as every child answers it: on the shared port (new connections
+    until each child has answered at least once) and on each child's own metrics port."""
+    seen: set[float | None] = set()
+    answered: set[int] = set()
+    for _ in range(64):  # the kernel spreads new connections by their source port: 2**-63 to miss one
+        pid, accepted = await asyncio.to_thread(_scrape_shared_port, port, children)
+        answered.add(pid)
+        seen.add(accepted)
+        if answered == set(children):
+            break
+    assert answered == set(children)
+    for index in range(len(children)):
+        seen.add(await _accepted(metrics_port + index))
+    return seen
+
+
+def _scrape_shared_port(port: int, children: list[int]) -> tuple[int, float | None]:
+    """GET /metrics on a new connection: which child answered it, and its ``nsw_messages_accepted_total``."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT)
+    try:
+        connection.request("GET", "/metrics")
+        response = connection.getresponse()
+        text = response.read().decode()
+        assert response.status == 200, text
+        # still open (keep-alive): the child holding the server end of this connection is the one that answered
+        client_port = connection.sock.getsockname()[1]
+        return _socket_owner(port, client_port, children), value(parse_metrics(text), "nsw_messages_accepted_total")
+    finally:
+        connection.close()
+
+
+def _socket_owner(server_port: int, client_port: int, pids: list[int]) -> int:
+    inode = next(
+        fields[9]
+        for fields in (line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:])
+        if int(fields[1].rsplit(":", 1)[1], 16) == server_port and int(fields[2].rsplit(":", 1)[1], 16) == client_port
+    )
+    link = f"socket:[{inode}]"
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                if os.readlink(fd) == link:
+                    return pid
+    raise AssertionError(f"no child holds the connection from port {client_port}")
+
+
+def test_each_supervisor_gets_a_fresh_metrics_dir_and_a_dead_ones_is_swept(tmp_path: Path) -> None:
+    running = MetricsDir(tmp_path)
+    held = running.claim()
+    leftover = tmp_path / METRICS_SUBDIR / "4242-killed"  # a SIGKILLed supervisor's: nobody holds its lock
+    leftover.mkdir()
+    (leftover / "counter_4243.db").write_bytes(b"old counts")
+
+    starting = MetricsDir(tmp_path)
+    mine = starting.claim()
+    assert mine != held
+    assert list(mine.glob("*.db")) == []
+    assert not leftover.exists()
+    assert held.is_dir()  # a running supervisor's is left alone
+
+    running.release()
+    starting.release()
+    assert not held.exists()
+    assert not mine.exists()
