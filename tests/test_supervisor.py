@@ -177,12 +177,13 @@ async def test_every_scrape_of_two_processes_counts_both_and_a_restart_loses_no_
         assert await _post_all(url, [signed("licence.import") for _ in range(12)]) == [202] * 12
         assert await _accepted_everywhere(port, metrics_port, first) == {12.0}
 
-        os.kill(first[0], signal.SIGKILL)
+        killed, survivor = first
+        os.kill(killed, signal.SIGKILL)
         # the survivor, before or after the replacement: never less than what was accepted
-        assert await _accepted(metrics_port + 1) == 12
-        await _until(lambda: len(kids := child_pids(supervisor.pid)) == 2 and first[0] not in kids, "replaced")
-        await _until_answering(metrics_port)  # the replacement is up (metrics start just before the ingress)
-        assert await _accepted(metrics_port) == 12
+        assert await _accepted(metrics_port + _child_index(survivor)) == 12
+        await _until(lambda: len(kids := child_pids(supervisor.pid)) == 2 and killed not in kids, "replaced")
+        replacement = (set(child_pids(supervisor.pid)) - {survivor}).pop()
+        assert await _accepted(await _until_answering(metrics_port + _child_index(replacement))) == 12
 
         assert await _post_all(url, [signed("licence.import") for _ in range(8)]) == [202] * 8
         assert await _accepted_everywhere(port, metrics_port, child_pids(supervisor.pid)) == {20.0}
@@ -212,29 +213,33 @@ async def _accepted(port: int) -> float | None:
     return value(parse_metrics(response.text), "nsw_messages_accepted_total")
 
 
-async def _until_answering(port: int) -> None:
+async def _until_answering(port: int) -> int:
     async with httpx.AsyncClient() as client, asyncio.timeout(WAIT):
         while True:
             with contextlib.suppress(httpx.TransportError):
                 if (await client.get(f"http://127.0.0.1:{port}/livez")).status_code == 200:
-                    return
+                    return port
             await asyncio.sleep(0.1)
+
+
+def _child_index(pid: int) -> int:
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    return int(argv[argv.index("--child") + 1])
 
 
 async def _accepted_everywhere(port: int, metrics_port: int, children: list[int]) -> set[float | None]:
     """``nsw_messages_accepted_total`` as every child answers it: on the shared port (new connections
-    until each child has answered at least once) and on each child's own metrics port."""
+    until each child has answered at least once; a replacement may still be starting its listener) and
+    on each child's own metrics port."""
     seen: set[float | None] = set()
     answered: set[int] = set()
-    for _ in range(64):  # the kernel spreads new connections by their source port: 2**-63 to miss one
-        pid, accepted = await asyncio.to_thread(_scrape_shared_port, port, children)
-        answered.add(pid)
-        seen.add(accepted)
-        if answered == set(children):
-            break
-    assert answered == set(children)
-    for index in range(len(children)):
-        seen.add(await _accepted(metrics_port + index))
+    async with asyncio.timeout(WAIT):
+        while answered != set(children):  # the kernel spreads new connections by their source port
+            pid, accepted = await asyncio.to_thread(_scrape_shared_port, port, children)
+            answered.add(pid)
+            seen.add(accepted)
+    for pid in children:
+        seen.add(await _accepted(metrics_port + _child_index(pid)))
     return seen
 
 
