@@ -152,7 +152,9 @@ def test_a_configuration_error_in_the_children_stops_the_supervisor_with_exit_2(
         check=False,
     )
     assert done.returncode == 2
-    assert done.stderr.count("trust directory not found") == 2  # each child said why; none was restarted
+    # The first child to fail stops the other, which may not have got as far as saying why; a restarted
+    # child would say it a third time.
+    assert 1 <= done.stderr.count("trust directory not found") <= 2
     assert "supervisor.child_config_error" in done.stderr
 
 
