@@ -7,6 +7,7 @@ delivered/s to a loopback agency, and each gateway process's peak RSS. Then one 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import time
 import uuid
@@ -170,13 +171,13 @@ class Pools:
 
     @classmethod
     def sign(cls, pki_dir: Path, size: int, plan: Plan) -> Pools:
-        count, offered = int(plan.cap_per_s[size] * plan.duration), int(plan.offered_rate * plan.duration)
         rates = plan.curve_rates if size == min(plan.sizes) else ()
-        every = msgs.signed_messages(pki_dir, size, 20 + count + offered + sum(int(r * plan.duration) for r in rates))
-        curve, start = {}, 20 + count + offered
-        for rate in rates:
-            curve[rate], start = every[start : start + int(rate * plan.duration)], start + int(rate * plan.duration)
-        return cls(every[:20], every[20 : 20 + count], every[20 + count : 20 + count + offered], curve)
+        counts = [20, int(plan.cap_per_s[size] * plan.duration)]
+        counts += [int(rate * plan.duration) for rate in (plan.offered_rate, *rates)]
+        every = msgs.signed_messages(pki_dir, size, sum(counts))
+        ends = list(itertools.accumulate(counts))
+        warm_up, saturation, fixed_rate, *curve = (every[end - n : end] for n, end in zip(counts, ends, strict=True))
+        return cls(warm_up, saturation, fixed_rate, dict(zip(rates, curve, strict=True)))
 
 
 async def measure(pki_dir: Path, work: Path, backend: str, pools: Pools, plan: Plan) -> dict[str, Any]:
