@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
-import httpx
-
 from tests.conftest import free_port
 from tests.e2e.conftest import child_env, write_routing
-from tests.support.agency import WAIT, Agency
+from tests.support.agency import Agency
+from tests.support.http import until_ok
 
 
 def nswgw(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -35,15 +33,6 @@ def _serve(args: list[str | Path], log: Path) -> subprocess.Popen[bytes]:
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
     )
-
-
-async def _wait_ready(url: str) -> None:
-    async with httpx.AsyncClient() as client, asyncio.timeout(WAIT):
-        while True:
-            with contextlib.suppress(httpx.TransportError):
-                if (await client.get(url)).status_code == 200:
-                    return
-            await asyncio.sleep(0.2)
 
 
 async def test_partner_round_trip_with_the_cli(tmp_path: Path) -> None:
@@ -90,7 +79,7 @@ async def test_partner_round_trip_with_the_cli(tmp_path: Path) -> None:
         tmp_path / "run.log",
     )
     try:
-        await _wait_ready(f"http://127.0.0.1:{port}/readyz")
+        await until_ok(f"http://127.0.0.1:{port}/readyz")
         url = f"http://127.0.0.1:{port}/v1/messages"
         sent = await asyncio.to_thread(nswgw, "send", signed_file, "--url", url)
         assert sent.returncode == 0, sent.stderr

@@ -22,6 +22,7 @@ from tests.conftest import free_port
 from tests.e2e.conftest import child_env, write_routing
 from tests.operator.helpers import parse_metrics, value
 from tests.support.agency import WAIT, Agency
+from tests.support.http import until_ok
 from tests.support.procs import child_pids
 
 
@@ -89,7 +90,7 @@ async def test_two_processes_share_the_port_and_a_killed_one_is_replaced(
     try:
         await _until(lambda: len(child_pids(supervisor.pid)) == 2, "two children started")
         first = child_pids(supervisor.pid)
-        await _wait_listening(url)
+        await until_ok(url.replace("/v1/messages", "/readyz"))
 
         batch = [signed("licence.import") for _ in range(20)]
         assert await _post_all(url, batch) == [202] * 20
@@ -99,7 +100,7 @@ async def test_two_processes_share_the_port_and_a_killed_one_is_replaced(
             lambda: len(kids := child_pids(supervisor.pid)) == 2 and first[0] not in kids, "the dead child replaced"
         )
         assert first[1] in child_pids(supervisor.pid)  # the other one was left alone
-        await _wait_listening(url)
+        await until_ok(url.replace("/v1/messages", "/readyz"))
         more = [signed("licence.import") for _ in range(20)]
         assert await _post_all(url, more) == [202] * 20
         # what the killed child held comes back when its embedded-broker lease (3 s here) expires
@@ -129,16 +130,6 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
-
-
-async def _wait_listening(url: str) -> None:
-    ready = url.replace("/v1/messages", "/readyz")
-    async with httpx.AsyncClient() as client, asyncio.timeout(WAIT):
-        while True:
-            with contextlib.suppress(httpx.TransportError):
-                if (await client.get(ready)).status_code == 200:
-                    return
-            await asyncio.sleep(0.2)
 
 
 def test_a_configuration_error_in_the_children_stops_the_supervisor_with_exit_2(tmp_path: Path) -> None:
@@ -171,7 +162,7 @@ async def test_every_scrape_of_two_processes_counts_both_and_a_restart_loses_no_
     try:
         await _until(lambda: len(child_pids(supervisor.pid)) == 2, "two children started")
         first = child_pids(supervisor.pid)
-        await _wait_listening(url)
+        await until_ok(url.replace("/v1/messages", "/readyz"))
         shared = _metrics_dirs(data)
         assert len(shared) == 1
         assert {_environ(pid).get(MULTIPROC_ENV) for pid in first} == {str(shared[0])}
@@ -185,7 +176,9 @@ async def test_every_scrape_of_two_processes_counts_both_and_a_restart_loses_no_
         assert await _accepted(metrics_port + _child_index(survivor)) == 12
         await _until(lambda: len(kids := child_pids(supervisor.pid)) == 2 and killed not in kids, "replaced")
         replacement = (set(child_pids(supervisor.pid)) - {survivor}).pop()
-        assert await _accepted(await _until_answering(metrics_port + _child_index(replacement))) == 12
+        replacement_port = metrics_port + _child_index(replacement)
+        await until_ok(f"http://127.0.0.1:{replacement_port}/livez")
+        assert await _accepted(replacement_port) == 12
 
         assert await _post_all(url, [signed("licence.import") for _ in range(8)]) == [202] * 8
         assert await _accepted_everywhere(port, metrics_port, child_pids(supervisor.pid)) == {20.0}
@@ -213,15 +206,6 @@ async def _accepted(port: int) -> float | None:
         response = await client.get(f"http://127.0.0.1:{port}/metrics")
     assert response.status_code == 200, response.text
     return value(parse_metrics(response.text), "nsw_messages_accepted_total")
-
-
-async def _until_answering(port: int) -> int:
-    async with httpx.AsyncClient() as client, asyncio.timeout(WAIT):
-        while True:
-            with contextlib.suppress(httpx.TransportError):
-                if (await client.get(f"http://127.0.0.1:{port}/livez")).status_code == 200:
-                    return port
-            await asyncio.sleep(0.1)
 
 
 def _child_index(pid: int) -> int:

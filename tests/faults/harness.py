@@ -24,6 +24,7 @@ from gateway.partners import PartnerRegistry
 from gateway.runtime import peer_destinations
 from tests.e2e.conftest import child_env, nswgw
 from tests.support.agency import WAIT, Agency
+from tests.support.http import until_ok
 
 LONG = os.environ.get("NSW_FAULTS_LONG") == "1"  # the long form: more load and more rounds
 GATEWAY_ENV = {"NSW_RATE_PER_PARTY": "1000000", "NSW_RATE_BURST": "1000000", "NSW_LEASE_SECONDS": "2"}
@@ -62,13 +63,7 @@ class Process:
 
 
 async def wait_ready(port: int) -> None:
-    async with aiohttp.ClientSession() as session, asyncio.timeout(WAIT):
-        while True:
-            with contextlib.suppress(aiohttp.ClientError):
-                async with session.get(f"http://127.0.0.1:{port}/readyz") as response:
-                    if response.status == 200:
-                        return
-            await asyncio.sleep(0.1)
+    await until_ok(f"http://127.0.0.1:{port}/readyz")
 
 
 @dataclass
