@@ -20,7 +20,7 @@ from typing import Any
 
 from bench import floors
 from bench import messages as msgs
-from bench.gateway_runs import AMQP_URL, Plan, Pools, large, measure
+from bench.gateway_runs import AMQP_URL, Plan, Pools, large, measure, measure_split
 from bench.procs import Child, child_env, free_port, loadgen
 from bench.report import table
 from gateway.security.pki import init_dev_pki
@@ -79,6 +79,7 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "backends": backends,
         "floors": {},
         "gateway": {},
+        "split": {},  # 5 KB: `serve` alone at saturation, then `worker` alone draining it
         "large": {},
     }
     for size in plan.sizes:
@@ -99,6 +100,8 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         out["floors"][str(size)] = floor
         for backend in backends:
             out["gateway"][f"{backend}/{size}"] = await measure(pki_dir, work, backend, pools, plan)
+            if size == min(plan.sizes):
+                out["split"][f"{backend}/{size}"] = await measure_split(pki_dir, work, backend, pools, plan)
     if not args.skip_large:
         for backend in backends[:1] if args.quick else backends:  # quick: the first backend only
             for kind in ("lines", "attachment"):

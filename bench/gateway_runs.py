@@ -56,8 +56,10 @@ def routing(agency: CountingAgency) -> dict[str, Any]:
 class Deployment:
     """One gateway deployment (processes, data folder, queues) for one measurement, torn down after."""
 
-    def __init__(self, pki_dir: Path, work: Path, backend: str, processes: int, max_body: int) -> None:
-        self.pki_dir, self.backend = pki_dir, backend
+    def __init__(
+        self, pki_dir: Path, work: Path, backend: str, processes: int, max_body: int, *, command: str = "run"
+    ) -> None:
+        self.pki_dir, self.backend, self.command = pki_dir, backend, command
         self.dir = work / f"{backend}-{uuid.uuid4().hex[:6]}"
         self.dir.mkdir(parents=True)
         self.prefix = f"nswbench-{uuid.uuid4().hex[:8]}"
@@ -70,6 +72,7 @@ class Deployment:
             env["NSW_RETRY_TIERS"] = ",".join(map(str, TIERS))
         self.env = child_env(env)
         self.gateway: Child | None = None
+        self.workers: Child | None = None  # `nswgw worker`, started by ``drain`` after a `serve` deployment
         self.port = 0
         self.agency = CountingAgency()
 
@@ -87,28 +90,27 @@ class Deployment:
 
     async def _start(self) -> Deployment:
         await self.agency.start()
-        routing_file = self.dir / "routing.yaml"
-        routing_file.write_text(yaml.safe_dump(routing(self.agency)))
+        (self.dir / "routing.yaml").write_text(yaml.safe_dump(routing(self.agency)))
         self.port = free_port()
-        args = ["-m", "gateway", "run", "--certs", str(self.pki_dir), "--data", str(self.dir / "var")]
-        args += ["--routing", str(routing_file), "--port", str(self.port), "--processes", str(self.processes)]
-        self.gateway = Child("run", args, self.env, self.dir)
+        self.gateway = Child(self.command, self._args(self.command, "--port", str(self.port)), self.env, self.dir)
         await asyncio.to_thread(self.gateway.wait_port, self.port)
         # with a supervisor, the port answers once the first child listens: wait for all of them
         await asyncio.to_thread(self.gateway.wait_children, self.processes if self.processes > 1 else 0)
         return self
 
+    def _args(self, command: str, *more: str) -> list[str]:
+        args = ["-m", "gateway", command, "--certs", str(self.pki_dir), "--data", str(self.dir / "var")]
+        return [*args, "--routing", str(self.dir / "routing.yaml"), "--processes", str(self.processes), *more]
+
     def peak_rss_kb(self) -> dict[str, int | None]:
         """Every gateway process: the children of a supervisor (run0, run1, ...) or the one ``run``."""
         assert self.gateway is not None
-        children = self.gateway.children()
-        if not children:
-            return {"run": self.gateway.peak_rss_kb()}
-        return {f"run{n}": vm_hwm_kb(pid) for n, pid in enumerate(children)}
+        return _peak_rss(self.gateway)
 
     async def stop(self) -> None:
-        if self.gateway is not None:
-            self.gateway.kill()
+        for child in (self.gateway, self.workers):
+            if child is not None:
+                child.kill()
         await self.agency.stop()
         if self.backend == "rabbitmq":
             await self._delete_queues()
@@ -125,9 +127,19 @@ class Deployment:
             await connection.close()
 
     async def drive(
-        self, bodies: list[bytes], *, concurrency: int, duration: float, rate: float | None = None, drain: float = 120.0
+        self,
+        bodies: list[bytes],
+        *,
+        concurrency: int,
+        duration: float,
+        rate: float | None = None,
+        drain: float = 120.0,
+        deliver: bool = True,
     ) -> dict[str, Any]:
-        """One load phase and its delivery: the loadgen's result plus delivered/s and drain time."""
+        """One load phase and its delivery: the loadgen's result plus delivered/s and drain time.
+
+        ``deliver=False`` (a `serve` deployment: nothing consumes yet): the load phase only, its CPU
+        measured to its end, and the accepted delivery keys in ``result["keys"]`` for ``drain``."""
         batch = msgs.save(bodies, self.dir / f"messages-{uuid.uuid4().hex[:6]}.pickle")
         assert self.gateway is not None
         meter = CpuMeter(
@@ -145,6 +157,8 @@ class Deployment:
         )
         batch.unlink()
         keys = {f"{mid}:{DESTINATION}" for mid in result.pop("accepted_ids")}
+        if not deliver:
+            return result | {"keys": keys, "cpu": meter.stop(len(keys))}
         complete = await self.agency.wait_for(keys, drain)
         cpu = meter.stop(len(keys))
         seen = [self.agency.first_seen[k] for k in keys if k in self.agency.first_seen]
@@ -157,6 +171,41 @@ class Deployment:
             "cpu": cpu,  # from the start of the load to the last delivery
         }
         return result
+
+    async def drain(self, keys: set[str], within: float = 300.0) -> dict[str, Any]:
+        """Start `nswgw worker` on what a `serve` deployment accepted; delivered/s and CPU per delivery.
+
+        Clock and CPU meter start at the first delivery, so the workers' start-up is not counted."""
+        self.workers = Child("worker", self._args("worker"), self.env, self.dir)
+        async with asyncio.timeout(within):
+            while not self.agency.first_seen:
+                if self.workers.popen.poll() is not None:
+                    raise RuntimeError(f"the workers exited with {self.workers.popen.returncode} (see worker.log)")
+                await asyncio.sleep(0.005)
+        meter = CpuMeter(
+            [self.workers.pid, *self.workers.children()], broker_pid() if self.backend == "rabbitmq" else None
+        )
+        meter.start()
+        started, before = time.perf_counter(), len(self.agency.first_seen)
+        complete = await self.agency.wait_for(keys, within)
+        seen = [self.agency.first_seen[k] for k in keys if k in self.agency.first_seen]
+        counted = len(self.agency.first_seen) - before
+        last = max(seen, default=started)
+        return {
+            "delivered": len(seen),
+            "all_delivered": complete,
+            "delivered_per_s": counted / (last - started) if last > started else 0.0,
+            "cpu": meter.stop(counted),
+            "peak_rss_kb": _peak_rss(self.workers),
+        }
+
+
+def _peak_rss(child: Child) -> dict[str, int | None]:
+    """Every process of one command: a supervisor's children (name0, name1, ...) or the one process."""
+    children = child.children()
+    if not children:
+        return {child.name: child.peak_rss_kb()}
+    return {f"{child.name}{n}": vm_hwm_kb(pid) for n, pid in enumerate(children)}
 
 
 @dataclass(frozen=True)
@@ -201,6 +250,22 @@ async def measure(pki_dir: Path, work: Path, backend: str, pools: Pools, plan: P
             "curve": curve,
             "peak_rss_kb": deployment.peak_rss_kb(),
         }
+    finally:
+        await deployment.stop()
+
+
+async def measure_split(pki_dir: Path, work: Path, backend: str, pools: Pools, plan: Plan) -> dict[str, Any]:
+    """Ingress and delivery each alone on the machine: `nswgw serve` at saturation with nothing consuming,
+    then `nswgw worker` draining what it accepted. ``serve`` does every ingress stage ``run`` does
+    (receipt, audit, status) and is what compares like for like with the naive pipeline, which delivers
+    nothing; in production the two may run on different hosts (DESIGN.md, brokers)."""
+    deployment = await Deployment(pki_dir, work, backend, plan.processes, 64 * 1024 * 1024, command="serve").start()
+    try:
+        warm = await deployment.drive(pools.warm_up, concurrency=4, duration=30, deliver=False)
+        ingress = await deployment.drive(pools.saturation, concurrency=64, duration=plan.duration, deliver=False)
+        ingress |= {"peak_rss_kb": deployment.peak_rss_kb(), "delivered_meanwhile": deployment.agency.requests}
+        delivery = await deployment.drain(warm.pop("keys") | ingress.pop("keys"))
+        return {"ingress": ingress, "delivery": delivery}
     finally:
         await deployment.stop()
 

@@ -17,14 +17,39 @@ def _mb(kb: int | None) -> str:
     return "-" if kb is None else f"{kb / 1024:.0f}"
 
 
-def _cpu_line(cpu: dict[str, Any], processes: int) -> str:
-    """Where the machine's CPU went at saturation, in ms per accepted message."""
+def _cpu_line(cpu: dict[str, Any], processes: int, what: str = "message at saturation") -> str:
+    """Where the machine's CPU went, in ms per accepted (or delivered) message."""
     per = cpu["ms_per_message"]
     parts = [f"gateway {_f(per['gateway'], 2)} ({processes} processes)"]
     parts += [f"{name} {_f(per[name], 2)}" for name in ("broker", "load generator", "agency") if per.get(name)]
     parts.append(f"whole machine {_f(per['machine'], 2)}")
     busy = f"{_f(cpu['busy_cores'], 2)} of {cpu['cpus']} cores busy"
-    return f"     CPU ms per message at saturation: {', '.join(parts)}; {busy}"
+    return f"     CPU ms per {what}: {', '.join(parts)}; {busy}"
+
+
+def _split_lines(split: dict[str, Any], naive_n: float | None, processes: int, row: str) -> list[str]:
+    """Ingress alone (`serve`, nothing consuming) against the naive pipeline, then delivery alone (`worker`)."""
+    ingress, delivery = split["ingress"], split["delivery"]
+    accepted = ingress["accepted_per_s"]
+    naive = (f"naive x{processes}", naive_n) if naive_n else ("", None)
+    lines = [
+        row.format(
+            "  ingress alone (`serve`), accepted/s", _f(accepted), _f(naive[1]), _ratio(accepted, naive[1]), naive[0]
+        )
+    ]
+    lines.append(_cpu_line(ingress["cpu"], processes, "accepted message"))
+    done = delivery["delivered_per_s"]
+    lines.append(
+        row.format(
+            "  delivery alone (`worker`), delivered/s", _f(done), _f(accepted), _ratio(done, accepted), "ingress alone"
+        )
+    )
+    lines.append(_cpu_line(delivery["cpu"], processes, "delivery"))
+    if ingress.get("delivered_meanwhile"):
+        lines.append(f"     ! {ingress['delivered_meanwhile']} deliveries reached the agency while only `serve` ran")
+    if not delivery["all_delivered"]:
+        lines.append(f"     ! only {delivery['delivered']} of the accepted messages were delivered")
+    return lines
 
 
 def table(result: dict[str, Any]) -> str:
@@ -91,6 +116,8 @@ def table(result: dict[str, Any]) -> str:
                 )
             if "cpu" in sat:
                 lines.append(_cpu_line(sat["cpu"], processes))
+            if key in result.get("split", {}):
+                lines += _split_lines(result["split"][key], naive_n, processes, row)
             statuses = {**sat["statuses"]}
             statuses.pop("202", None)
             if statuses or not sat["all_delivered"] or not fixed["all_delivered"]:
