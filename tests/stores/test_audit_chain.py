@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+import structlog
 from structlog.testing import capture_logs
 
 from gateway.audit import (
@@ -20,12 +23,14 @@ from gateway.audit import (
     AuditRecord,
     ChainHead,
     chain,
+    emit,
     hashed_fields,
     record_hash,
     verify_chain,
 )
 from gateway.errors import BrokerUnavailable
 from gateway.events import Event
+from gateway.logs import configure_logging
 from gateway.model import State
 from gateway.stores.base import Ledger
 from gateway.stores.sqlite import SqliteLedger
@@ -245,6 +250,36 @@ async def test_each_committed_record_is_logged_as_a_json_ready_audit_line(backen
         expected = dataclasses.asdict(record)
         expected["audit_event"] = expected.pop("event")
         assert {k: line[k] for k in expected} == expected
+
+
+@pytest.fixture
+def json_log() -> Iterator[io.StringIO]:
+    """The gateway's own JSON logging into a buffer; structlog's configuration restored afterwards."""
+    saved = structlog.get_config()
+    out = io.StringIO()
+    configure_logging("json", "info", stream=out)
+    try:
+        yield out
+    finally:
+        structlog.configure(**saved)
+
+
+def test_a_batch_is_written_as_one_json_line_per_record_in_order(json_log: io.StringIO) -> None:
+    records = chain(entries(3))
+    emit(records)
+    lines = [json.loads(line) for line in json_log.getvalue().splitlines()]
+    assert json_log.getvalue().endswith("\n")
+    assert [(line["event"], line["level"], line["seq"], line["hash"]) for line in lines] == [
+        ("audit", "info", r.seq, r.hash) for r in records
+    ]
+    assert [line["audit_event"] for line in lines] == [r.event for r in records]
+    assert all(line["timestamp"].endswith("Z") for line in lines)
+
+
+def test_audit_lines_follow_the_configured_level(json_log: io.StringIO) -> None:
+    configure_logging("json", "warning", stream=json_log)
+    emit(chain(entries(2)))
+    assert json_log.getvalue() == ""
 
 
 async def test_nothing_is_logged_for_a_batch_that_did_not_commit(backend: Backend) -> None:
