@@ -37,6 +37,10 @@ Exported (a single process: its own counts, Prometheus sums separate ingress and
     nsw_dead_letters_replayed_total{destination}
     nsw_deliveries_in_flight{destination}             attempts running longer than 1 s (announced), not yet settled
     nsw_delivery_duration_seconds{destination}        histogram: DELIVERING -> DELIVERED of one attempt
+    nsw_ingress_stage_seconds{stage}                  histogram: time an accepted message spent in each ingress
+                                                      stage (gateway/pipeline.py INGRESS_STAGES); claim and accept
+                                                      include waiting for the ledger's group commit, publish the
+                                                      broker's confirms
     nsw_signature_failures_total{party,code}          SIGNATURE_* / CERT_* rejections by claimed sender
     nsw_circuit_breaker_state{destination,state}      1 for the breaker's current state, else 0 (--processes N:
                                                       1 for every state some live child's breaker is in)
@@ -65,6 +69,7 @@ from gateway.audit import AuditRecord, AuditReport
 from gateway.errors import BrokerUnavailable, ErrorCode
 from gateway.events import Event
 from gateway.model import State
+from gateway.pipeline import INGRESS_STAGES
 from gateway.retry import BreakerState
 from gateway.status import MessageStatus
 from gateway.stores.base import Claim, ClaimKind, Ledger
@@ -82,6 +87,8 @@ SIGNATURE_CODES: Final = frozenset(
 )
 UNKNOWN_PARTY: Final = "unknown"
 LATENCY_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+# ingress stages take from ~0.1 ms (route) to tens of ms (a commit behind a busy disk)
+STAGE_BUCKETS: Final = (0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's switch, read when it is imported
 BREAKER_PUBLISH_SECONDS: Final = 1.0
 BREAKER_METRIC: Final = "nsw_circuit_breaker_state"
@@ -148,6 +155,14 @@ class GatewayMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.stages = Histogram(
+            "nsw_ingress_stage_seconds",
+            "Time an accepted message spent in each ingress stage (claim, accept: ledger commits; publish: confirms)",
+            ["stage"],
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
+        self._stage_series = [self.stages.labels(stage=stage) for stage in INGRESS_STAGES]
         self.signature_failures = Counter(
             "nsw_signature_failures",
             "Rejections for a missing, invalid or untrusted signature, by claimed sender (registered parties only)",
@@ -167,6 +182,11 @@ class GatewayMetrics:
             self._breaker_gauge = Gauge(
                 BREAKER_METRIC, BREAKER_HELP, ["destination", "state"], multiprocess_mode="livemax", registry=r
             )
+
+    def observe_stages(self, seconds: Sequence[float]) -> None:
+        """One accepted message's time in each of ``INGRESS_STAGES`` (the pipeline's ``on_stages``)."""
+        for series, value in zip(self._stage_series, seconds, strict=True):
+            series.observe(value)
 
     @property
     def multiprocess(self) -> bool:

@@ -118,7 +118,9 @@ class Gateway:
             routing=routing,
             extra_destinations=peers,
         )
-        pipeline = Pipeline(admission, broker=broker, ledger=ledger, receipts=receipts)
+        pipeline = Pipeline(
+            admission, broker=broker, ledger=ledger, receipts=receipts, on_stages=metrics.observe_stages
+        )
         log.info(
             "gateway.opened",
             broker=getattr(broker, "name", type(broker).__name__),

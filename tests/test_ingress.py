@@ -18,9 +18,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from lxml import etree
 from signxml import XMLSigner
+from structlog.testing import capture_logs
 
 from gateway.envelope import NSMAP, SIGNATURE
 from gateway.partners import PartnerRegistry
+from gateway.pipeline import INGRESS_STAGES
 from gateway.receipts import RECEIPT_NS
 from gateway.samples import SAMPLE_SENDERS
 from gateway.security.parse import parse_message
@@ -106,6 +108,35 @@ async def test_identical_resubmission_gets_the_original_receipt_and_is_not_enque
     assert await second.read() == receipt
     assert second.headers["X-NSW-Replayed"] == "true"
     assert len(running.broker.published) == enqueued
+
+
+async def test_stage_times_are_observed_once_per_accepted_message_only(
+    running: RunningGateway, signed: Callable[..., bytes]
+) -> None:
+    observed: list[list[float]] = []
+    running.gateway.pipeline.on_stages = lambda seconds: observed.append(list(seconds))
+    body = signed("licence.import")
+    assert (await running.post(body)).status == 202
+    assert (await running.post(body)).status == 202  # the original receipt again: no new stages
+    assert (await running.post(to_bytes(envelope("licence.import")))).status == 401  # unsigned
+    assert len(observed) == 1
+    assert len(observed[0]) == len(INGRESS_STAGES)
+    assert all(seconds >= 0 for seconds in observed[0])
+    assert observed[0][INGRESS_STAGES.index("verify")] > 0
+
+
+async def test_a_failing_stage_observer_does_not_fail_an_accepted_message(
+    running: RunningGateway, signed: Callable[..., bytes]
+) -> None:
+    def broken(_seconds: object) -> None:
+        raise RuntimeError("metrics store gone")
+
+    running.gateway.pipeline.on_stages = broken
+    with capture_logs() as logs:
+        response = await running.post(signed("licence.import"))
+    assert response.status == 202
+    assert len(running.broker.published) == 1
+    assert [line["event"] for line in logs if line["log_level"] == "error"] == ["ingress.stage_timings_lost"]
 
 
 async def test_legacy_sha1_accepted_from_a_party_allowed_it_and_audited(

@@ -19,6 +19,7 @@ from structlog.testing import capture_logs
 from gateway.events import Event
 from gateway.metrics import start_metrics_server
 from gateway.model import State
+from gateway.pipeline import INGRESS_STAGES
 from gateway.security.sign import to_bytes
 from routing.engine import RoutingTable
 from tests.conftest import RunningGateway, envelope
@@ -143,6 +144,10 @@ async def test_metrics_count_a_scripted_run_exactly(
     assert value(m, "nsw_delivery_duration_seconds_count", destination="agency") == N
     assert value(m, "nsw_delivery_duration_seconds_bucket", destination="agency", le="+Inf") == N
     assert value(m, "nsw_routing_reloads_total", outcome="error") == 0
+    for stage in INGRESS_STAGES:  # each accepted message once: not the resubmission, not the rejections
+        assert value(m, "nsw_ingress_stage_seconds_count", stage=stage) == N, stage
+        assert value(m, "nsw_ingress_stage_seconds_bucket", stage=stage, le="+Inf") == N, stage
+    assert (value(m, "nsw_ingress_stage_seconds_sum", stage="verify") or 0) > 0
 
     gateway_cert = [
         v
