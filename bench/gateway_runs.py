@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
+import aiohttp
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench import messages as msgs
 from bench.agency import CountingAgency
@@ -24,6 +26,7 @@ from bench.procs import Child, CpuMeter, broker_pid, child_env, free_port, loadg
 from gateway.brokers import names
 from gateway.config import Settings
 from gateway.partners import PartnerRegistry
+from gateway.pipeline import INGRESS_STAGES
 from gateway.runtime import peer_destinations
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -145,6 +148,7 @@ class Deployment:
         meter = CpuMeter(
             [self.gateway.pid, *self.gateway.children()], broker_pid() if self.backend == "rabbitmq" else None
         )
+        stages_before = await self.stage_histograms()
         meter.start()
         started = time.perf_counter()
         result = await loadgen(
@@ -156,6 +160,7 @@ class Deployment:
             rate=rate,
         )
         batch.unlink()
+        result["stages"] = stage_summary(stages_before, await self.stage_histograms())
         keys = {f"{mid}:{DESTINATION}" for mid in result.pop("accepted_ids")}
         if not deliver:
             return result | {"keys": keys, "cpu": meter.stop(len(keys))}
@@ -171,6 +176,20 @@ class Deployment:
             "cpu": cpu,  # from the start of the load to the last delivery
         }
         return result
+
+    async def stage_histograms(self) -> dict[str, dict[str, float]]:
+        """``nsw_ingress_stage_seconds`` from the gateway's /metrics: stage -> {"count", "sum", "le=<bound>"...}."""
+        async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{self.port}/metrics") as answer:
+            text = await answer.text()
+        out: dict[str, dict[str, float]] = {}
+        for family in text_string_to_metric_families(text):
+            if family.name != "nsw_ingress_stage_seconds":
+                continue
+            for sample in family.samples:
+                series = out.setdefault(sample.labels["stage"], {})
+                kind = sample.name.rsplit("_", 1)[1]  # bucket, count, sum
+                series[f"le={sample.labels['le']}" if kind == "bucket" else kind] = sample.value
+        return out
 
     async def drain(self, keys: set[str], within: float = 300.0) -> dict[str, Any]:
         """Start `nswgw worker` on what a `serve` deployment accepted; delivered/s and CPU per delivery.
@@ -198,6 +217,23 @@ class Deployment:
             "cpu": meter.stop(counted),
             "peak_rss_kb": _peak_rss(self.workers),
         }
+
+
+def stage_summary(
+    before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]
+) -> dict[str, dict[str, float | None]]:
+    """Per ingress stage over one phase: mean ms, and the histogram bucket bound that 99% stayed under."""
+    out: dict[str, dict[str, float | None]] = {}
+    for stage in INGRESS_STAGES:
+        now, then = after.get(stage, {}), before.get(stage, {})
+        count = now.get("count", 0.0) - then.get("count", 0.0)
+        if count <= 0:
+            continue
+        bounds = sorted((float(key[3:]), now[key] - then.get(key, 0.0)) for key in now if key.startswith("le="))
+        p99 = next((bound for bound, seen in bounds if seen >= 0.99 * count), None)
+        mean = (now.get("sum", 0.0) - then.get("sum", 0.0)) / count
+        out[stage] = {"mean_ms": 1000 * mean, "p99_under_ms": None if p99 is None else 1000 * p99}
+    return out
 
 
 def _peak_rss(child: Child) -> dict[str, int | None]:

@@ -27,6 +27,15 @@ def _cpu_line(cpu: dict[str, Any], processes: int, what: str = "message at satur
     return f"     CPU ms per {what}: {', '.join(parts)}; {busy}"
 
 
+def _stage_line(phase: dict[str, Any]) -> str | None:
+    """Where an accepted message's time went, stage by stage (the gateway's nsw_ingress_stage_seconds)."""
+    stages = phase.get("stages")
+    if not stages:
+        return None
+    parts = [f"{name} {_f(s['mean_ms'], 2)} ({_f(s['p99_under_ms'], 2)})" for name, s in stages.items()]
+    return f"       stages, mean ms (99% under): {', '.join(parts)}"
+
+
 def _split_lines(split: dict[str, Any], naive_n: float | None, processes: int, row: str) -> list[str]:
     """Ingress alone (`serve`, nothing consuming) against the naive pipeline, then delivery alone (`worker`)."""
     ingress, delivery = split["ingress"], split["delivery"]
@@ -114,8 +123,10 @@ def table(result: dict[str, Any]) -> str:
                         f"achieved {_f(phase['accepted_per_s'])}/s",
                     )
                 )
+                lines += filter(None, [_stage_line(phase)])
             if "cpu" in sat:
                 lines.append(_cpu_line(sat["cpu"], processes))
+            lines += filter(None, [_stage_line(sat)])
             if key in result.get("split", {}):
                 lines += _split_lines(result["split"][key], naive_n, processes, row)
             statuses = {**sat["statuses"]}

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.gateway_runs import Plan, Pools, measure_split
+import pytest
+
+from bench.gateway_runs import Plan, Pools, measure_split, stage_summary
+from gateway.pipeline import INGRESS_STAGES
 
 
 async def test_serve_alone_accepts_then_worker_alone_delivers_all(pki_dir: Path, tmp_path: Path) -> None:
@@ -20,8 +23,25 @@ async def test_serve_alone_accepts_then_worker_alone_delivers_all(pki_dir: Path,
     assert ingress["accepted"] > 0
     assert ingress["delivered_meanwhile"] == 0  # `serve` consumes nothing: the split is real
     assert ingress["cpu"]["ms_per_message"]["gateway"] > 0
+    # both children's stage histograms, summed by any child's /metrics (prometheus multiprocess mode)
+    assert list(ingress["stages"]) == list(INGRESS_STAGES)
+    assert all(stage["mean_ms"] > 0 for stage in ingress["stages"].values())
     # the warm-up's messages wait in the queue with the load's: all of them reach the agency
     assert delivery["all_delivered"] is True
     assert delivery["delivered"] == ingress["accepted"] + len(pools.warm_up)
     assert delivery["delivered_per_s"] > 0
     assert set(delivery["peak_rss_kb"]) == {"worker0", "worker1"}
+
+
+def test_stage_summary_is_the_phase_delta_with_the_bucket_99_percent_stayed_under() -> None:
+    before = {"verify": {"count": 100.0, "sum": 5.0, "le=0.001": 0.0, "le=0.005": 100.0, "le=+Inf": 100.0}}
+    after = {
+        "verify": {"count": 300.0, "sum": 5.2, "le=0.001": 197.0, "le=0.005": 300.0, "le=+Inf": 300.0},
+        "claim": {"count": 0.0, "sum": 0.0, "le=+Inf": 0.0},
+    }
+    summary = stage_summary(before, after)
+    assert list(summary) == ["verify"]  # a stage nothing passed through in the phase is left out
+    assert summary["verify"]["mean_ms"] == pytest.approx(1.0)  # 0.2 s over 200 messages
+    assert summary["verify"]["p99_under_ms"] == pytest.approx(5.0)  # 197 of the phase's 200 under 1 ms: 98.5%
+    after["verify"]["le=0.001"] = 198.0
+    assert stage_summary(before, after)["verify"]["p99_under_ms"] == pytest.approx(1.0)  # 99%
