@@ -28,6 +28,7 @@ import hashlib
 import math
 import re
 from collections.abc import Sequence
+from functools import lru_cache
 from typing import Any
 
 DEFAULT_PREFIX = "nsw"
@@ -40,6 +41,7 @@ _SAFE = re.compile(r"[A-Za-z0-9_.:\-]")
 _MAX_COMPONENT = 160  # leaves room for the prefix, the kind and a tier within 255 bytes
 
 
+@lru_cache(maxsize=4096)  # every publish names its queue; destinations are few (the routing's)
 def queue_component(destination: str) -> str:
     """The destination as it appears inside queue names: readable, injective, bounded in length."""
     if not destination:
