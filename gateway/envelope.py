@@ -157,8 +157,13 @@ def _party_block(parent: etree._Element, block: str, party: PartyRef) -> None:
             etree.SubElement(node, q(xml)).text = value
 
 
-def build_envelope(header: Header, document: etree._Element) -> etree._Element:
-    """An unsigned envelope around ``document`` (which is copied, not moved)."""
+def build_envelope(header: Header, document: etree._Element, *, adopt: bool = False) -> etree._Element:
+    """An unsigned envelope around ``document``, which is copied, not moved.
+
+    ``adopt=True`` is for a document the caller has just built and holds no other reference to (the
+    gateway's receipts and rejections): it is moved into the envelope instead, saving the copy (a
+    serialise and re-parse). The envelope's bytes are the same either way.
+    """
     root = etree.Element(ENVELOPE, nsmap={None: NS})
     head = etree.SubElement(root, HEADER)
     ref = etree.SubElement(head, q("Reference"))
@@ -175,7 +180,9 @@ def build_envelope(header: Header, document: etree._Element) -> etree._Element:
     etree.SubElement(subject, q("sendDate")).text = format_datetime(header.send_date)
     body = etree.SubElement(root, BODY)
     content = etree.SubElement(body, CONTENT, Id=CONTENT_ID)
-    content.append(copy_element(document))
+    if adopt and document.getparent() is not None:
+        raise ValueError("only a document root can be adopted: this one is part of another tree")
+    content.append(document if adopt else copy_element(document))
     return root
 
 

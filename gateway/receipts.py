@@ -65,7 +65,7 @@ class ReceiptFactory:
         for name in destinations:
             _leaf(dests, "destination", name)
         envelope = build_envelope(
-            self._header(RECEIPT_TYPE, RECEIPT_FUNCTION, header.sender, header.message_id, digest), doc
+            self._header(RECEIPT_TYPE, RECEIPT_FUNCTION, header.sender, header.message_id, digest), doc, adopt=True
         )
         return to_bytes(self.signer.sign_envelope(envelope, copy=False))
 
@@ -96,4 +96,4 @@ class ReceiptFactory:
             else UNKNOWN_PARTY
         )
         header = self._header(REJECTION_TYPE, REJECTION_FUNCTION, to, message_id, digest)
-        return to_bytes(self.signer.sign_envelope(build_envelope(header, doc), copy=False))
+        return to_bytes(self.signer.sign_envelope(build_envelope(header, doc, adopt=True), copy=False))

@@ -84,8 +84,8 @@ def built(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
     """Records every envelope ``ReceiptFactory`` builds, serialised before it is signed."""
     seen: list[bytes] = []
 
-    def recording(*args: Any) -> etree._Element:
-        envelope = build_envelope(*args)
+    def recording(*args: Any, **options: Any) -> etree._Element:
+        envelope = build_envelope(*args, **options)
         seen.append(etree.tostring(envelope))
         return envelope
 
@@ -304,3 +304,44 @@ def test_only_unusual_shapes_and_legacy_sha1_go_through_xmlsigner_sign(
 def test_signing_twice_gives_the_same_bytes(signer: Signer) -> None:
     envelope = sample_envelope("sps.ephyto")
     assert to_bytes(signer.sign_envelope(envelope)) == to_bytes(signer.sign_envelope(envelope))
+
+
+def _receipt_document() -> etree._Element:
+    doc = etree.Element(f"{{{receipts.RECEIPT_NS}}}Receipt", nsmap={None: receipts.RECEIPT_NS})
+    etree.SubElement(doc, f"{{{receipts.RECEIPT_NS}}}messageId").text = "m-1 & <2>"
+    return doc
+
+
+def _parsed_document(document_type: str) -> Callable[[], etree._Element]:
+    def parsed() -> etree._Element:
+        document = sample_envelope(document_type).find(f"{BODY}/*/*")
+        assert document is not None
+        return etree.fromstring(etree.tostring(document))
+
+    return parsed
+
+
+@pytest.mark.parametrize(
+    "document",
+    [_receipt_document, _parsed_document("sps.ephyto"), _parsed_document("eco.atiga-form-d")],
+    ids=["receipt", "ephyto", "eco"],
+)
+def test_an_adopted_document_gives_the_bytes_of_a_copied_one(
+    signer: Signer, document: Callable[[], etree._Element]
+) -> None:
+    header = parse_header(sample_envelope("licence.import"))
+    copied = build_envelope(header, document())
+    adoptable = document()
+    adopted = build_envelope(header, adoptable, adopt=True)
+    assert adopted.find(f"{BODY}/*/*") is adoptable, "the document was copied, not adopted"
+    assert etree.tostring(adopted) == etree.tostring(copied)
+    assert to_bytes(signer.sign_envelope(adopted, copy=False)) == stock(signer, copied)
+
+
+def test_only_a_document_root_is_adopted() -> None:
+    envelope = sample_envelope("sps.ephyto")
+    document = envelope.find(f"{BODY}/*/*")
+    assert document is not None
+    with pytest.raises(ValueError, match="adopted"):
+        build_envelope(parse_header(envelope), document, adopt=True)
+    assert document.getparent() is not None, "the refused document was moved anyway"
