@@ -91,7 +91,7 @@ class _SystemSignatureTemplate:
     declarations); ``sign`` repeats signxml's steps on the envelope itself.
     """
 
-    __slots__ = ("_hash", "_key", "_signature", "_signer")
+    __slots__ = ("_ecdsa", "_hash", "_key", "_signature", "_signer")
 
     def __init__(self, signer: XMLSigner, key: PrivateKey, chain: Sequence[x509.Certificate]) -> None:
         stock = signer.sign(etree.Element("template"), key=_signxml_key(key), cert=list(chain))
@@ -105,7 +105,9 @@ class _SystemSignatureTemplate:
         self._signer = signer
         self._key = key
         self._signature = signature
-        self._hash = digest_algorithm_implementations[signer.sign_alg]
+        # made once, not per message: both are immutable (RFC 6979 nonces, as _DeterministicEcKey signs)
+        self._hash = digest_algorithm_implementations[signer.sign_alg]()
+        self._ecdsa = ec.ECDSA(self._hash, deterministic_signing=True)
 
     def sign(self, envelope: etree._Element) -> etree._Element:
         """Append the signature to ``envelope`` (a document root without a SystemSignature) and return it."""
@@ -121,10 +123,9 @@ class _SystemSignatureTemplate:
     def _signature_value(self, signed_info: bytes) -> bytes:
         """What ``XMLSigner.sign`` signs with: PKCS#1 v1.5 for RSA; for ECDSA (RFC 6979 nonces) the
         fixed-size r || s that XML-DSig wants, not the DER sequence cryptography returns."""
-        hash_algorithm = self._hash()
         if isinstance(self._key, rsa.RSAPrivateKey):
-            return self._key.sign(signed_info, PKCS1v15(), hash_algorithm)
-        r, s = decode_dss_signature(_DeterministicEcKey(self._key).sign(signed_info, ec.ECDSA(hash_algorithm)))
+            return self._key.sign(signed_info, PKCS1v15(), self._hash)
+        r, s = decode_dss_signature(self._key.sign(signed_info, self._ecdsa))
         size = (self._key.key_size + 7) // 8
         return r.to_bytes(size, "big") + s.to_bytes(size, "big")
 
