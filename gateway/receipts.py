@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from copy import deepcopy
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Final
 
 from lxml import etree
@@ -30,6 +32,27 @@ def _r(local: str) -> str:
 
 def _leaf(parent: etree._Element, local: str, text: str, **attrs: str) -> None:
     etree.SubElement(parent, _r(local), attrs).text = text
+
+
+_ATTRIBUTES: Final = {"digest": {"algorithm": "sha-256"}}
+
+
+@lru_cache(maxsize=32)
+def _skeleton(root: str, names: tuple[str, ...]) -> etree._Element:
+    """``root`` with one empty child per name, in order: a deep copy of it costs a third of building one
+    (a new document and a ``SubElement`` per child, ~40 us for a receipt)."""
+    doc = etree.Element(_r(root), nsmap={None: RECEIPT_NS})
+    for name in names:
+        etree.SubElement(doc, _r(name), _ATTRIBUTES.get(name, {}))
+    return doc
+
+
+def _document(root: str, fields: Sequence[tuple[str, str]]) -> etree._Element:
+    """A receipt-namespace document ``root`` whose children are ``fields`` (name, text), in order."""
+    doc = deepcopy(_skeleton(root, tuple(name for name, _ in fields)))
+    for leaf, (_, text) in zip(doc, fields, strict=True):
+        leaf.text = text
+    return doc
 
 
 class ReceiptFactory:
@@ -56,11 +79,15 @@ class ReceiptFactory:
         )
 
     def receipt(self, header: Header, digest: str, received_at: datetime, destinations: Sequence[str]) -> bytes:
-        doc = etree.Element(_r("Receipt"), nsmap={None: RECEIPT_NS})
-        _leaf(doc, "messageId", header.message_id)
-        _leaf(doc, "digest", digest, algorithm="sha-256")
-        _leaf(doc, "receivedAt", format_datetime(received_at))
-        _leaf(doc, "status", "ACCEPTED")
+        doc = _document(
+            "Receipt",
+            [
+                ("messageId", header.message_id),
+                ("digest", digest),
+                ("receivedAt", format_datetime(received_at)),
+                ("status", "ACCEPTED"),
+            ],
+        )
         dests = etree.SubElement(doc, _r("destinations"))
         for name in destinations:
             _leaf(dests, "destination", name)
@@ -77,17 +104,14 @@ class ReceiptFactory:
         message_id: str | None = None,
         sender: PartyRef | None = None,
     ) -> bytes:
-        doc = etree.Element(_r("Rejection"), nsmap={None: RECEIPT_NS})
-        if message_id:
-            _leaf(doc, "messageId", message_id)
+        fields = [("messageId", message_id)] if message_id else []
         if digest:
-            _leaf(doc, "digest", digest, algorithm="sha-256")
-        _leaf(doc, "code", error.code.value)
-        _leaf(doc, "httpStatus", str(error.http_status))
-        _leaf(doc, "detail", error.detail)
+            fields.append(("digest", digest))
+        fields += [("code", error.code.value), ("httpStatus", str(error.http_status)), ("detail", error.detail)]
         if error.location:
-            _leaf(doc, "location", error.location)
-        _leaf(doc, "rejectedAt", format_datetime(datetime.now(UTC)))
+            fields.append(("location", error.location))
+        fields.append(("rejectedAt", format_datetime(datetime.now(UTC))))
+        doc = _document("Rejection", fields)
         to = (
             PartyRef(
                 identity=sender.identity, name=sender.name or sender.identity, country_code=sender.country_code or "ZZ"

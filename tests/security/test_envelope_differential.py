@@ -1,16 +1,19 @@
-"""``build_envelope`` fills in a cached skeleton instead of building every element: its envelopes must be
-byte-identical to those of the element-by-element builder it replaced (kept here as the reference), for
-every header shape -- which optional party fields and preReference are present, empty names, text that
-needs escaping -- and one envelope must never share elements with the next."""
+"""``build_envelope`` and the receipt/rejection documents fill in cached skeletons instead of building every
+element: their bytes must be those of the element-by-element builders they replaced (kept here as the
+reference), for every shape -- which optional party fields and preReference are present, empty names, text
+that needs escaping, optional rejection fields -- and one envelope must never share elements with the next."""
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 from lxml import etree
 
+from gateway import receipts
 from gateway.envelope import (
     BODY,
     CONTENT,
@@ -23,9 +26,12 @@ from gateway.envelope import (
     parse_header,
     q,
 )
+from gateway.errors import ErrorCode, Rejected
 from gateway.model import Header, PartyRef
+from gateway.receipts import RECEIPT_NS, ReceiptFactory
 from gateway.samples import sample_envelope
 from gateway.security.parse import copy_element
+from gateway.security.sign import Signer
 
 OPTIONAL = ("ministry_code", "organization_code", "unit_code")
 
@@ -143,3 +149,84 @@ def test_envelopes_share_no_elements() -> None:
     second = build_envelope(built, document())
     assert etree.tostring(second) == expected
     assert etree.tostring(build_envelope(built, document())) == expected
+
+
+def _leaf(parent: etree._Element, local: str, text: str, **attrs: str) -> None:
+    etree.SubElement(parent, f"{{{RECEIPT_NS}}}{local}", attrs).text = text
+
+
+def reference_receipt(message_id: str, digest: str, received_at: datetime, destinations: Sequence[str]) -> bytes:
+    doc = etree.Element(f"{{{RECEIPT_NS}}}Receipt", nsmap={None: RECEIPT_NS})
+    _leaf(doc, "messageId", message_id)
+    _leaf(doc, "digest", digest, algorithm="sha-256")
+    _leaf(doc, "receivedAt", format_datetime(received_at))
+    _leaf(doc, "status", "ACCEPTED")
+    dests = etree.SubElement(doc, f"{{{RECEIPT_NS}}}destinations")
+    for name in destinations:
+        _leaf(dests, "destination", name)
+    return etree.tostring(doc)
+
+
+def reference_rejection(error: Rejected, digest: str | None, message_id: str | None, rejected_at: str) -> bytes:
+    doc = etree.Element(f"{{{RECEIPT_NS}}}Rejection", nsmap={None: RECEIPT_NS})
+    if message_id:
+        _leaf(doc, "messageId", message_id)
+    if digest:
+        _leaf(doc, "digest", digest, algorithm="sha-256")
+    _leaf(doc, "code", error.code.value)
+    _leaf(doc, "httpStatus", str(error.http_status))
+    _leaf(doc, "detail", error.detail)
+    if error.location:
+        _leaf(doc, "location", error.location)
+    _leaf(doc, "rejectedAt", rejected_at)
+    return etree.tostring(doc)
+
+
+@pytest.fixture
+def documents(monkeypatch: pytest.MonkeyPatch) -> list[etree._Element]:
+    """Every document ``ReceiptFactory`` wraps, as it was handed to ``build_envelope``."""
+    seen: list[etree._Element] = []
+
+    def recording(header: Header, document: etree._Element, **options: Any) -> etree._Element:
+        seen.append(copy_element(document))
+        return build_envelope(header, document, **options)
+
+    monkeypatch.setattr(receipts, "build_envelope", recording)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def answers(signers: Callable[..., Signer]) -> ReceiptFactory:
+    return ReceiptFactory(signers("VN-NSW"), party("VN-NSW", ()))
+
+
+@pytest.mark.parametrize(
+    "destinations", [[], ["customs"], ["customs", "moit", "TH-NSW & <peer> \u0111"]], ids=["none", "one", "three"]
+)
+def test_receipt_documents_give_the_reference_bytes(
+    answers: ReceiptFactory, documents: list[etree._Element], destinations: list[str]
+) -> None:
+    received_at = datetime(2026, 11, 24, 17, 0, 1, tzinfo=timezone(timedelta(hours=7)))
+    for message_id in ("m-1", "m-2 & <3>"):  # the second from the cached skeleton
+        answers.receipt(header(message_id=message_id), "ab" * 32, received_at, destinations)
+        expected = reference_receipt(message_id, "ab" * 32, received_at, destinations)
+        assert etree.tostring(documents.pop()) == expected
+
+
+@pytest.mark.parametrize("message_id", [None, "m-1"], ids=["no-id", "id"])
+@pytest.mark.parametrize("digest", [None, "cd" * 32], ids=["no-digest", "digest"])
+@pytest.mark.parametrize("location", [None, "/Envelope/Header/Subject/sendDate"], ids=["no-location", "location"])
+def test_rejection_documents_give_the_reference_bytes(
+    answers: ReceiptFactory,
+    documents: list[etree._Element],
+    message_id: str | None,
+    digest: str | None,
+    location: str | None,
+) -> None:
+    error = Rejected(ErrorCode.SCHEMA_INVALID, "sendDate 'x' is not <ISO> & \u00e9", location)
+    for _ in range(2):  # the second from the cached skeleton
+        answers.rejection(error, digest=digest, message_id=message_id)
+        [document] = documents
+        rejected_at = document.findtext(f"{{{RECEIPT_NS}}}rejectedAt")
+        assert rejected_at is not None
+        assert etree.tostring(documents.pop()) == reference_rejection(error, digest, message_id, rejected_at)
