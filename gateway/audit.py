@@ -22,6 +22,8 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from json.encoder import encode_basestring as _quote  # the json module's own string writer (ensure_ascii=False)
+from math import isfinite, modf
 from typing import Any
 
 import structlog
@@ -80,24 +82,52 @@ class AuditReport:
     last_hash: str = GENESIS_HASH  # hash of the last good record: note it down to anchor the log
 
 
-def iso_utc(at: float) -> str:
+def _iso_utc(at: float) -> str:
     # isoformat is several times faster than strftime; "+00:00" -> "Z"
     return datetime.fromtimestamp(at, tz=UTC).isoformat(timespec="microseconds")[:-6] + "Z"
 
 
+_second: tuple[int, str] = (0, _iso_utc(0)[:-8])  # the last whole second formatted, "YYYY-MM-DDTHH:MM:SS"
+
+
+def iso_utc(at: float) -> str:
+    """``at`` (epoch seconds) as UTC ISO-8601 with microseconds and ``Z``, exactly as ``datetime`` renders it.
+
+    Events come in bursts within one second, so that second's text is kept and only the microseconds
+    are formatted. They are split off as ``datetime.fromtimestamp`` does (CPython's
+    ``_PyTime_DoubleToDenominator``: ``modf``, scale, round half to even, carry into the seconds).
+    """
+    global _second  # noqa: PLW0603 -- a one-entry cache, replaced whole (atomic under the GIL)
+    if not isfinite(at):
+        return _iso_utc(at)  # raises as datetime does
+    fraction, whole = modf(at)
+    micros = round(fraction * 1e6)
+    if micros >= 1_000_000:
+        micros -= 1_000_000
+        whole += 1.0
+    elif micros < 0:
+        micros += 1_000_000
+        whole -= 1.0
+    second = int(whole)
+    cached = _second
+    if cached[0] != second:
+        cached = _second = (second, _iso_utc(second)[:-8])
+    return f"{cached[1]}.{micros:06d}Z"
+
+
+EntryValues = tuple[str, str, str, str | None, str | None, str | None, str | None, int | None, str | None, str]
+"""An ``AuditEntry``'s fields as a plain tuple, in ``ENTRY_FIELDS`` order (cheaper to build than the dataclass)."""
+
+
+def entry_values(event: Event) -> EntryValues:
+    return (
+        iso_utc(event.at), event.state.value, event.message_id, event.party, event.document_type,
+        event.destination, event.digest, event.attempt, event.code, event.detail,
+    )  # fmt: skip
+
+
 def entry_from_event(event: Event) -> AuditEntry:
-    return AuditEntry(
-        at=iso_utc(event.at),
-        event=event.state.value,
-        message_id=event.message_id,
-        party=event.party,
-        document_type=event.document_type,
-        destination=event.destination,
-        digest=event.digest,
-        attempt=event.attempt,
-        code=event.code,
-        detail=event.detail,
-    )
+    return AuditEntry(*entry_values(event))
 
 
 ENTRY_FIELDS = tuple(f.name for f in dataclasses.fields(AuditEntry))
@@ -125,15 +155,54 @@ GENESIS = ChainHead()
 
 def chain(entries: Iterable[AuditEntry], head: ChainHead = GENESIS) -> list[AuditRecord]:
     """Give ``entries`` the next seqs after ``head`` and link each to its predecessor."""
-    records: list[AuditRecord] = []
+    values = ((e.at, e.event, e.message_id, e.party, e.document_type, e.destination, e.digest, e.attempt, e.code,
+               e.detail) for e in entries)  # fmt: skip
+    return [AuditRecord(*row) for row in chain_rows(values, head)]
+
+
+def chain_rows(entries: Iterable[EntryValues], head: ChainHead = GENESIS) -> list[tuple[Any, ...]]:
+    """``chain`` for entries given as tuples: each record as a tuple in ``AuditRecord`` field order."""
+    rows: list[tuple[Any, ...]] = []
     seq, prev = head.seq, head.hash
     for entry in entries:
         seq += 1
-        fields = hashed_fields(seq, entry)
-        digest = record_hash(prev, fields)
-        records.append(AuditRecord(**fields, prev_hash=prev, hash=digest))
+        text = _canonical_text(seq, entry)
+        digest = hashlib.sha256(prev.encode("ascii") + text.encode("utf-8")).hexdigest()
+        rows.append((seq, *entry, prev, digest))
         prev = digest
-    return records
+    return rows
+
+
+_int_text = int.__repr__  # what the json module writes for an int
+
+
+def _canonical_text(seq: int, e: EntryValues) -> str:
+    """``canonical_json(hashed_fields(seq, entry))`` as text, written out field by field (five times faster).
+
+    Only for the types the json module writes as plain strings and integers (``str``, ``int``,
+    ``None``, checked exactly); anything else takes the general path, so the bytes are always the
+    same as ``canonical_json``'s. The keys below are in sorted order ("at" sorts before "attempt").
+    """
+    at, event, message_id, party, document_type, destination, digest, attempt, code, detail = e
+    if (
+        type(seq) is not int
+        or type(at) is not str
+        or type(event) is not str
+        or type(message_id) is not str
+        or type(detail) is not str
+        or (attempt is not None and type(attempt) is not int)
+        or not all(v is None or type(v) is str for v in (party, document_type, destination, digest, code))
+    ):
+        return _CANONICAL.encode({"seq": seq, **dict(zip(ENTRY_FIELDS, e, strict=True))})
+    q = _quote
+    return (
+        f'{{"at":{q(at)},"attempt":{"null" if attempt is None else _int_text(attempt)},'
+        f'"code":{"null" if code is None else q(code)},'
+        f'"destination":{"null" if destination is None else q(destination)},"detail":{q(detail)},'
+        f'"digest":{"null" if digest is None else q(digest)},'
+        f'"document_type":{"null" if document_type is None else q(document_type)},"event":{q(event)},'
+        f'"message_id":{q(message_id)},"party":{"null" if party is None else q(party)},"seq":{_int_text(seq)}}}'
+    )
 
 
 class ChainVerifier:

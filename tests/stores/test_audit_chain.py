@@ -8,8 +8,10 @@ import hashlib
 import io
 import json
 import os
+import random
 import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,10 +27,11 @@ from gateway.audit import (
     chain,
     emit,
     hashed_fields,
+    iso_utc,
     record_hash,
     verify_chain,
 )
-from gateway.errors import BrokerUnavailable
+from gateway.errors import BrokerUnavailable, ErrorCode
 from gateway.events import Event
 from gateway.logs import configure_logging
 from gateway.model import State
@@ -71,6 +74,54 @@ def test_a_chain_continues_from_a_head() -> None:
     whole = chain(entries(5))
     head = ChainHead(whole[2].seq, whole[2].hash)
     assert chain(entries(5)[3:], head) == whole[3:]
+
+
+AWKWARD_TEXT = [
+    "",
+    "détail ✓",
+    'quote " backslash \\ slash /',
+    "ctl \x00\x01\x1f\x7f",
+    "\u2028\u2029 emoji 🚢",
+    "ö" * 300,
+]
+
+
+@pytest.mark.parametrize("text", AWKWARD_TEXT)
+def test_every_field_value_hashes_as_the_documented_json(text: str) -> None:
+    # chain() writes the canonical JSON field by field; it must be byte for byte json.dumps's.
+    rows = [
+        AuditEntry(f"2026-11-24T10:00:00.{i:06d}Z", "QUEUED", text, text or None, None, text, text, attempt, text, text)
+        for i, attempt in enumerate([None, 0, 7, 2**40])
+    ]
+    # Types that json writes its own way (a bool, enums): the general path.
+    rows.append(AuditEntry("t", State.DEAD, "m", attempt=True, code=ErrorCode.NO_ROUTE))
+    prev = GENESIS_HASH
+    for record in chain(rows, ChainHead(2**33, GENESIS_HASH)):
+        canonical = json.dumps(
+            hashed_fields(record.seq, record), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+        )
+        assert record.prev_hash == prev
+        assert record.hash == hashlib.sha256((prev + canonical).encode("utf-8")).hexdigest()
+        prev = record.hash
+
+
+def _datetime_iso(at: float) -> str:
+    return datetime.fromtimestamp(at, tz=UTC).isoformat(timespec="microseconds")[:-6] + "Z"
+
+
+def test_iso_utc_is_datetimes_rendering_including_rounding_and_carry() -> None:
+    rng = random.Random(7)
+    stamps = [rng.uniform(0, 4e9) for _ in range(20_000)]
+    stamps += [rng.randrange(1_700_000_000, 1_800_000_000) + rng.randrange(10**6) / 1e6 for _ in range(20_000)]
+    stamps += [s + h for s in (0, 1_764_000_000, 1_764_000_001) for h in (0.0000005, 0.0000015, 0.9999995, 0.99999999)]
+    stamps += [0, 1, 1_764_000_000, 1_764_000_000.5, -0.0000005, -1.25, 253402300799.5]
+    for at in stamps + stamps[::-1]:  # both orders: the cached second must never leak into another
+        assert iso_utc(at) == _datetime_iso(at), at
+    for bad in (float("nan"), float("inf"), 253402300800.0, 1e300):
+        with pytest.raises((ValueError, OverflowError)) as expected:
+            _datetime_iso(bad)
+        with pytest.raises(expected.type):
+            iso_utc(bad)
 
 
 def test_an_intact_chain_verifies() -> None:
