@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
-from gateway.audit import DUPLICATE_REPLAYED, AuditEntry, AuditRecord, ChainHead, chain, entry_from_event, iso_utc
+from gateway.audit import DUPLICATE_REPLAYED, AuditRecord, ChainHead, EntryValues, chain_rows, entry_values, iso_utc
 from gateway.errors import BrokerUnavailable
 from gateway.events import Event
 from gateway.model import State
@@ -24,8 +24,7 @@ from gateway.stores.base import Claim, ClaimKind
 # Row tuples below follow the column orders of gateway.stores.sql's statements.
 
 
-@dataclass(frozen=True, slots=True)
-class MessageRow:
+class MessageRow(NamedTuple):
     message_id: str
     sender: str
     digest: str
@@ -48,6 +47,8 @@ class MessageRow:
             self.received_at, self.updated_at, self.code, self.detail,
         )  # fmt: skip
 
+
+REPLAYED_DETAIL = "same sender and bytes as an accepted message: its original receipt was returned"
 
 DestinationKey = tuple[str, str]  # (message_id, destination)
 
@@ -144,11 +145,16 @@ def touched(ops: Iterable[Op]) -> tuple[list[str], list[str]]:
 
 @dataclass(frozen=True, slots=True)
 class Changes:
-    upserts: list[MessageRow]
+    upserts: list[tuple[Any, ...]]  # message rows, ready for the messages upsert
     deletes: list[str]
-    destinations: list[tuple[Any, ...]]  # destination rows, ready for UPSERT_DESTINATION
-    records: list[AuditRecord]
+    destinations: list[tuple[Any, ...]]  # destination rows, ready for the destinations upsert
+    audit: list[tuple[Any, ...]]  # audit rows, ready for the audit insert (AuditRecord field order)
+    records: list[AuditRecord]  # the same, as records
     head: ChainHead
+
+
+NEW = Claim(ClaimKind.NEW)  # frozen: one instance serves every caller
+PENDING = Claim(ClaimKind.PENDING)
 
 
 class Unit:
@@ -163,7 +169,7 @@ class Unit:
         self._messages: dict[str, MessageRow | None] = {m.message_id: m for m in messages}
         self._destinations = dict(destinations)
         self._head = head
-        self._entries: list[AuditEntry] = []
+        self._entries: list[EntryValues] = []
         self._changed_messages: set[str] = set()
         self._changed_destinations: set[DestinationKey] = set()
 
@@ -186,11 +192,11 @@ class Unit:
             if row is None:
                 deletes.append(mid)
             else:
-                upserts.append(row)
+                upserts.append(row.to_row())
         destinations = [destination_to_row(k, self._destinations[k]) for k in sorted(self._changed_destinations)]
-        records = chain(self._entries, self._head)
-        head = ChainHead(records[-1].seq, records[-1].hash) if records else self._head
-        return Changes(upserts, deletes, destinations, records, head)
+        audit = chain_rows(self._entries, self._head)
+        head = ChainHead(audit[-1][0], audit[-1][-1]) if audit else self._head
+        return Changes(upserts, deletes, destinations, audit, [AuditRecord(*row) for row in audit], head)
 
     def _claim(self, op: ClaimOp) -> Claim:
         row = self._messages.get(op.message_id)
@@ -201,24 +207,17 @@ class Unit:
             )
             self._put(op.message_id, new)
             self._record(op.events)
-            return Claim(ClaimKind.NEW)
+            return NEW
         if row.sender != op.sender or row.digest != op.digest:
             return Claim(ClaimKind.CONFLICT, existing_sender=row.sender, existing_digest=row.digest)
         if row.state is State.ACCEPTED:
             self._entries.append(
-                AuditEntry(
-                    at=iso_utc(op.at),
-                    event=DUPLICATE_REPLAYED,
-                    message_id=op.message_id,
-                    party=op.sender,
-                    document_type=op.document_type,
-                    digest=op.digest,
-                    detail="same sender and bytes as an accepted message: its original receipt was returned",
-                )
-            )
+                (iso_utc(op.at), DUPLICATE_REPLAYED, op.message_id, op.sender, op.document_type, None, op.digest,
+                 None, None, REPLAYED_DETAIL)
+            )  # fmt: skip
             return Claim(ClaimKind.REPLAY, receipt=row.receipt)
         self._record(op.events)
-        return Claim(ClaimKind.PENDING)
+        return PENDING
 
     def _accept(self, op: AcceptOp) -> Result:
         row = self._messages.get(op.message_id)
@@ -237,13 +236,18 @@ class Unit:
             )
             self._put(op.message_id, accepted)
         for destination in op.destinations:
-            self._advance(Event(State.QUEUED, op.message_id, destination, at=op.at))
+            key = (op.message_id, destination)
+            if key in self._destinations:
+                self._advance(Event(State.QUEUED, op.message_id, destination, at=op.at))
+            else:  # what advance(None, that QUEUED event) gives, without building the event
+                self._destinations[key] = DestinationStatus(State.QUEUED, 0, op.at)
+                self._changed_destinations.add(key)
         self._record(op.events)
         return None
 
     def _record(self, events: Iterable[Event]) -> None:
         for e in events:
-            self._entries.append(entry_from_event(e))
+            self._entries.append(entry_values(e))
             if e.destination is not None:
                 self._advance(e)
             elif e.state is State.REJECTED:

@@ -24,7 +24,6 @@ from gateway.stores.batch import (
     Op,
     Result,
     audit_from_row,
-    audit_to_row,
     decide,
     destination_from_row,
     message_status,
@@ -60,11 +59,28 @@ SELECT_DESTINATIONS = sql.DESTINATIONS_WHERE_ID + IN_LIST
 DELETE_MESSAGES = sql.DELETE_MESSAGES_WHERE_ID + IN_LIST
 INSERT_GENESIS = sql.numbered(sql.INSERT_GENESIS)
 UPDATE_HEAD = sql.numbered(sql.UPDATE_HEAD)
-UPSERT_MESSAGE = sql.numbered(sql.UPSERT_MESSAGE)
-UPSERT_DESTINATION = sql.numbered(sql.UPSERT_DESTINATION)
-INSERT_AUDIT = sql.numbered(sql.INSERT_AUDIT)
 AUDIT_AFTER = sql.numbered(sql.AUDIT_AFTER)
 AUDIT_OF_MESSAGE = sql.numbered(sql.AUDIT_OF_MESSAGE)
+
+
+def _unnest(insert: sql.RowsInsert, types: tuple[str, ...]) -> str:
+    """``insert`` for any number of rows: each parameter is one column's values, as an array."""
+    if len(types) != len(insert.columns):
+        raise ValueError(f"{insert.table}: {len(insert.columns)} columns but {len(types)} types")
+    arrays = ", ".join(f"${n}::{t}[]" for n, t in enumerate(types, 1))
+    return f"{insert.head}SELECT * FROM unnest({arrays}){insert.tail}"  # noqa: S608 -- our own names, no input
+
+
+UPSERT_MESSAGES = _unnest(
+    sql.UPSERT_MESSAGES, ("text", "text", "text", "text", "text", "bytea", "float8", "float8", "text", "text")
+)
+UPSERT_DESTINATIONS = _unnest(
+    sql.UPSERT_DESTINATIONS, ("text", "text", "text", "int4", "int4", "float8", "text", "text")
+)
+INSERT_AUDIT = _unnest(
+    sql.INSERT_AUDIT,
+    ("int8", "text", "text", "text", "text", "text", "text", "text", "int4", "text", "text", "text", "text"),
+)
 
 
 class PostgresLedger(GroupCommitLedger):
@@ -189,12 +205,14 @@ class PostgresLedger(GroupCommitLedger):
                 results, changes = await asyncio.to_thread(decide, messages, destinations, head, ops)
                 if changes.deletes:
                     await conn.execute(DELETE_MESSAGES, changes.deletes)
-                if changes.upserts:
-                    await conn.executemany(UPSERT_MESSAGE, [m.to_row() for m in changes.upserts])
-                if changes.destinations:
-                    await conn.executemany(UPSERT_DESTINATION, changes.destinations)
-                if changes.records:
-                    await conn.executemany(INSERT_AUDIT, [audit_to_row(r) for r in changes.records])
+                for statement, rows in (
+                    (UPSERT_MESSAGES, changes.upserts),
+                    (UPSERT_DESTINATIONS, changes.destinations),
+                    (INSERT_AUDIT, changes.audit),
+                ):
+                    if rows:  # one statement whatever the row count: a column array per parameter
+                        await conn.execute(statement, *zip(*rows, strict=True))
+                if changes.audit:
                     await conn.execute(UPDATE_HEAD, changes.head.seq, changes.head.hash)
         return results, changes.records
 

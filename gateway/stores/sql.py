@@ -6,8 +6,10 @@ each backend: their types differ.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
+from dataclasses import dataclass
 
 INSERT_GENESIS = "INSERT INTO audit_head (id, seq, hash) VALUES (1, 0, ?) ON CONFLICT DO NOTHING"
 SELECT_HEAD = "SELECT seq, hash FROM audit_head WHERE id = 1"
@@ -22,23 +24,54 @@ DESTINATIONS_WHERE_ID = (
     "FROM destinations WHERE message_id"
 )
 DELETE_MESSAGES_WHERE_ID = "DELETE FROM messages WHERE message_id"
-UPSERT_MESSAGE = (
-    "INSERT INTO messages (message_id, sender, digest, document_type, state, receipt, received_at, updated_at, "
-    "code, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (message_id) DO UPDATE SET "
-    "sender = excluded.sender, digest = excluded.digest, document_type = excluded.document_type, "
-    "state = excluded.state, receipt = excluded.receipt, received_at = excluded.received_at, "
-    "updated_at = excluded.updated_at, code = excluded.code, detail = excluded.detail"
+
+
+@dataclass(frozen=True)
+class RowsInsert:
+    """An INSERT (an upsert when ``key`` is set) of many rows in one statement.
+
+    One statement per batch rather than one ``executemany`` step per row: each step is a round
+    trip through the driver (for SQLite, a release and retake of the GIL).
+    """
+
+    table: str
+    columns: tuple[str, ...]
+    key: tuple[str, ...] = ()  # the conflict target: on a clash every other column is replaced
+
+    @property
+    def head(self) -> str:
+        return f"INSERT INTO {self.table} ({', '.join(self.columns)}) "
+
+    @property
+    def tail(self) -> str:
+        if not self.key:
+            return ""
+        replaced = ", ".join(f"{c} = excluded.{c}" for c in self.columns if c not in self.key)
+        return f" ON CONFLICT ({', '.join(self.key)}) DO UPDATE SET {replaced}"
+
+    @functools.cache  # noqa: B019 -- a few module-level instances, each with a handful of row counts
+    def values(self, rows: int) -> str:
+        """The statement for ``rows`` rows, qmark style."""
+        row = "(" + ", ".join("?" * len(self.columns)) + ")"
+        return f"{self.head}VALUES {', '.join([row] * rows)}{self.tail}"
+
+
+UPSERT_MESSAGES = RowsInsert(
+    "messages",
+    ("message_id", "sender", "digest", "document_type", "state", "receipt", "received_at", "updated_at", "code",
+     "detail"),
+    key=("message_id",),
+)  # fmt: skip
+UPSERT_DESTINATIONS = RowsInsert(
+    "destinations",
+    ("message_id", "destination", "state", "attempt", "generation", "updated_at", "code", "detail"),
+    key=("message_id", "destination"),
 )
-UPSERT_DESTINATION = (
-    "INSERT INTO destinations (message_id, destination, state, attempt, generation, updated_at, code, detail) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (message_id, destination) DO UPDATE SET "
-    "state = excluded.state, attempt = excluded.attempt, generation = excluded.generation, "
-    "updated_at = excluded.updated_at, code = excluded.code, detail = excluded.detail"
-)
-INSERT_AUDIT = (
-    "INSERT INTO audit (seq, at, event, message_id, party, document_type, destination, digest, attempt, code, "
-    "detail, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
+INSERT_AUDIT = RowsInsert(
+    "audit",
+    ("seq", "at", "event", "message_id", "party", "document_type", "destination", "digest", "attempt", "code",
+     "detail", "prev_hash", "hash"),
+)  # fmt: skip
 SELECT_AUDIT = (
     "SELECT seq, at, event, message_id, party, document_type, destination, digest, attempt, code, detail, "
     "prev_hash, hash FROM audit"

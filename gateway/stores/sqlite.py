@@ -9,13 +9,14 @@ The event loop never waits on SQLite.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import sqlite3
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from gateway.audit import GENESIS_HASH, AuditRecord, AuditReport, ChainHead, ChainVerifier
 from gateway.errors import BrokerUnavailable
@@ -27,7 +28,6 @@ from gateway.stores.batch import (
     Op,
     Result,
     audit_from_row,
-    audit_to_row,
     decide,
     destination_from_row,
     message_status,
@@ -60,6 +60,7 @@ IN_LIST = " IN (SELECT value FROM json_each(?))"  # one parameter: the ids as a 
 SELECT_MESSAGES = sql.MESSAGES_WHERE_ID + IN_LIST
 SELECT_DESTINATIONS = sql.DESTINATIONS_WHERE_ID + IN_LIST
 DELETE_MESSAGES = sql.DELETE_MESSAGES_WHERE_ID + IN_LIST
+MAX_ROWS = 128  # rows per INSERT statement: 13 columns x 128 = 1,664 parameters (SQLite allows 32,766)
 
 
 class SqliteLedger(GroupCommitLedger):
@@ -197,10 +198,10 @@ class SqliteLedger(GroupCommitLedger):
             results, changes = decide(messages, destinations, head, ops)
             if changes.deletes:
                 conn.execute(DELETE_MESSAGES, (_json_list(changes.deletes),))
-            conn.executemany(sql.UPSERT_MESSAGE, [m.to_row() for m in changes.upserts])
-            conn.executemany(sql.UPSERT_DESTINATION, changes.destinations)
-            if changes.records:
-                conn.executemany(sql.INSERT_AUDIT, [audit_to_row(r) for r in changes.records])
+            _insert(conn, sql.UPSERT_MESSAGES, changes.upserts)
+            _insert(conn, sql.UPSERT_DESTINATIONS, changes.destinations)
+            if changes.audit:
+                _insert(conn, sql.INSERT_AUDIT, changes.audit)
                 conn.execute(sql.UPDATE_HEAD, (changes.head.seq, changes.head.hash))
             conn.execute("COMMIT")
         except BaseException:
@@ -208,6 +209,16 @@ class SqliteLedger(GroupCommitLedger):
                 conn.execute("ROLLBACK")
             raise
         return results, changes.records
+
+
+def _insert(conn: sqlite3.Connection, insert: sql.RowsInsert, rows: list[tuple[Any, ...]]) -> None:
+    """``rows`` in a few multi-row statements: as many of ``MAX_ROWS`` as fit, then the rest in powers of
+    two, so that only a few distinct statements are ever prepared (the connection caches them)."""
+    start = 0
+    while start < len(rows):
+        count = min(MAX_ROWS, 1 << (len(rows) - start).bit_length() - 1)
+        conn.execute(insert.values(count), tuple(itertools.chain.from_iterable(rows[start : start + count])))
+        start += count
 
 
 def _create_schema(conn: sqlite3.Connection) -> None:

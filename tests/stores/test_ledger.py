@@ -273,6 +273,31 @@ async def test_concurrent_operations_all_commit(ledger: Ledger) -> None:
     assert status.state is State.ACCEPTED
 
 
+async def test_a_big_batch_stores_every_row_exactly(ledger: Ledger) -> None:
+    # Hundreds of message, destination and audit rows per transaction: several multi-row statements each.
+    claims = [ledger.claim(f"m-{i}", SENDER, DIGEST, DOC, [received(f"m-{i}", at=1.7e9 + i / 3)]) for i in range(150)]
+    assert {c.kind for c in await asyncio.gather(*claims)} == {ClaimKind.NEW}
+    texts = ["", "détail ✓", 'quote " and \\', "tab\tnewline\n\x1f", "\u2028 🚢", "ö" * 500]
+    events = [
+        Event(State.DELIVERING, f"m-{i % 150}", f"d-{i}", attempt=i + 1, detail=texts[i % 6], at=1.7e9 + i / 7)
+        for i in range(300)
+    ]
+    await ledger.record(events)
+    tail = await ledger.audit_tail(after_seq=150, limit=1000)
+    assert [(r.seq, r.message_id, r.destination, r.attempt, r.detail) for r in tail] == [
+        (151 + i, e.message_id, e.destination, e.attempt, e.detail) for i, e in enumerate(events)
+    ]
+    report = await ledger.verify_audit()
+    assert (report.ok, report.count) == (True, 450)
+    status = await ledger.status("m-149")
+    assert status is not None
+    assert (status.state, status.received_at) == (State.RECEIVED, 1.7e9 + 149 / 3)
+    assert {d: (s.attempt, s.updated_at, s.detail) for d, s in status.destinations.items()} == {
+        "d-149": (150, 1.7e9 + 149 / 7, texts[149 % 6]),
+        "d-299": (300, 1.7e9 + 299 / 7, texts[299 % 6]),
+    }
+
+
 # -- failures ---------------------------------------------------------------------------------------
 
 
