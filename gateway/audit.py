@@ -174,6 +174,8 @@ def chain_rows(entries: Iterable[EntryValues], head: ChainHead = GENESIS) -> lis
 
 
 _int_text = int.__repr__  # what the json module writes for an int
+_STR_OR_NONE = frozenset({str, type(None)})
+_INT_OR_NONE = frozenset({int, type(None)})
 
 
 def _canonical_text(seq: int, e: EntryValues) -> str:
@@ -190,8 +192,12 @@ def _canonical_text(seq: int, e: EntryValues) -> str:
         or type(event) is not str
         or type(message_id) is not str
         or type(detail) is not str
-        or (attempt is not None and type(attempt) is not int)
-        or not all(v is None or type(v) is str for v in (party, document_type, destination, digest, code))
+        or type(attempt) not in _INT_OR_NONE
+        or type(party) not in _STR_OR_NONE
+        or type(document_type) not in _STR_OR_NONE
+        or type(destination) not in _STR_OR_NONE
+        or type(digest) not in _STR_OR_NONE
+        or type(code) not in _STR_OR_NONE
     ):
         return _CANONICAL.encode({"seq": seq, **dict(zip(ENTRY_FIELDS, e, strict=True))})
     q = _quote
