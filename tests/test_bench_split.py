@@ -1,6 +1,6 @@
 """The bench's split measurement with real `nswgw serve` and `nswgw worker` processes (embedded backend):
 while only the ingress runs nothing is delivered, and the workers started afterwards deliver every
-accepted message exactly as the agency counts it."""
+accepted message exactly as the agency counts it. Also the stage readout and the in-process ingress meter."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from bench import ingress_cpu
 from bench.gateway_runs import Plan, Pools, measure_split, stage_summary
 from gateway.pipeline import INGRESS_STAGES
 
@@ -45,3 +46,10 @@ def test_stage_summary_is_the_phase_delta_with_the_bucket_99_percent_stayed_unde
     assert summary["verify"]["p99_under_ms"] == pytest.approx(5.0)  # 197 of the phase's 200 under 1 ms: 98.5%
     after["verify"]["le=0.001"] = 198.0
     assert stage_summary(before, after)["verify"]["p99_under_ms"] == pytest.approx(1.0)  # 99%
+
+
+async def test_ingress_cpu_measures_the_in_process_ingress(tmp_path: Path) -> None:
+    result = await ingress_cpu.run("embedded", 20, tmp_path)
+    assert result["accepted_per_s"] > 0
+    assert result["user_ms"] > 0
+    assert {"MainThread", "nsw-ledger-writer_0"} <= set(result["switches_per_message"])
