@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
+import structlog
 import yaml
 
 from bench import messages as msgs
@@ -110,11 +111,13 @@ async def run(backend: str, count: int, work: Path) -> dict[str, Any]:
             settings, amqp_url=AMQP_URL, queue_prefix=f"nswbench-{uuid.uuid4().hex[:8]}", retry_tiers=(1.0,)
         )
     bodies = msgs.signed_messages(work / "certs", 5_000, count + 50)
+    logging_before = structlog.get_config()
     with (work / "gateway.log").open("a") as log:
         configure_logging("json", "info", stream=log)  # as `nswgw run` logs by default, to a file
         try:
             return await measure(settings, bodies)
         finally:
+            structlog.configure(**logging_before)  # the file closes here: no logger may keep it
             if backend == "rabbitmq":
                 await delete_queues(settings)
 

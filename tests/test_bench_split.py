@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import structlog
 
 from bench import ingress_cpu
 from bench.gateway_runs import Plan, Pools, measure_split, stage_summary
@@ -49,7 +50,9 @@ def test_stage_summary_is_the_phase_delta_with_the_bucket_99_percent_stayed_unde
 
 
 async def test_ingress_cpu_measures_the_in_process_ingress(tmp_path: Path) -> None:
+    logging_before = structlog.get_config()
     result = await ingress_cpu.run("embedded", 20, tmp_path)
+    assert structlog.get_config() == logging_before  # its log file is closed: nothing may still write there
     assert result["accepted_per_s"] > 0
     assert result["user_ms"] > 0
     assert {"MainThread", "nsw-ledger-writer_0"} <= set(result["switches_per_message"])
