@@ -116,18 +116,7 @@ class Deployment:
                 child.kill()
         await self.agency.stop()
         if self.backend == "rabbitmq":
-            await self._delete_queues()
-
-    async def _delete_queues(self) -> None:
-        partners = PartnerRegistry.load(Settings(certs_dir=self.pki_dir).partners_path)
-        connection = await aio_pika.connect(AMQP_URL)
-        try:
-            channel = await connection.channel()
-            for destination in [DESTINATION, *sorted(peer_destinations(partners))]:
-                for queue, _arguments in names.queue_plan(destination, TIERS, prefix=self.prefix):
-                    await channel.queue_delete(queue)
-        finally:
-            await connection.close()
+            await delete_queues(self.pki_dir, self.prefix, TIERS)
 
     async def drive(
         self,
@@ -217,6 +206,19 @@ class Deployment:
             "cpu": meter.stop(counted),
             "peak_rss_kb": _peak_rss(self.workers),
         }
+
+
+async def delete_queues(pki_dir: Path, prefix: str, tiers: tuple[float, ...]) -> None:
+    """Every queue a deployment with ``prefix`` declared: the agency's and the ``asw:<peer>`` ones."""
+    partners = PartnerRegistry.load(Settings(certs_dir=pki_dir).partners_path)
+    connection = await aio_pika.connect(AMQP_URL)
+    try:
+        channel = await connection.channel()
+        for destination in [DESTINATION, *sorted(peer_destinations(partners))]:
+            for queue, _arguments in names.queue_plan(destination, tiers, prefix=prefix):
+                await channel.queue_delete(queue)
+    finally:
+        await connection.close()
 
 
 def stage_summary(

@@ -20,19 +20,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import aio_pika
 import structlog
 import yaml
 
 from bench import messages as msgs
-from gateway.brokers import names
+from bench.gateway_runs import AMQP_URL, DESTINATION, delete_queues
 from gateway.config import Settings
 from gateway.logs import configure_logging
-from gateway.partners import PartnerRegistry
-from gateway.runtime import Gateway, peer_destinations
+from gateway.runtime import Gateway
 from gateway.security.pki import init_dev_pki
 
-AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 CONCURRENCY = 64
 
 
@@ -79,24 +76,12 @@ async def measure(settings: Settings, bodies: list[bytes]) -> dict[str, Any]:
         await gateway.close()
 
 
-async def delete_queues(settings: Settings) -> None:
-    destinations = ["agency", *peer_destinations(PartnerRegistry.load(settings.partners_path))]
-    connection = await aio_pika.connect(AMQP_URL)
-    try:
-        channel = await connection.channel()
-        for destination in destinations:
-            for queue, _arguments in names.queue_plan(destination, settings.retry_tiers, prefix=settings.queue_prefix):
-                await channel.queue_delete(queue)
-    finally:
-        await connection.close()
-
-
 async def run(backend: str, count: int, work: Path) -> dict[str, Any]:
     init_dev_pki(work / "certs")
     routing = {
         "version": 1,
-        "destinations": {"agency": {"adapter": "http", "url": "http://127.0.0.1:9/unused"}},
-        "rules": [{"name": "bench", "when": {"documentType": [msgs.DOCUMENT_TYPE]}, "to": ["agency"]}],
+        "destinations": {DESTINATION: {"adapter": "http", "url": "http://127.0.0.1:9/unused"}},
+        "rules": [{"name": "bench", "when": {"documentType": [msgs.DOCUMENT_TYPE]}, "to": [DESTINATION]}],
     }
     (work / "routing.yaml").write_text(yaml.safe_dump(routing))
     settings = Settings(
@@ -119,7 +104,7 @@ async def run(backend: str, count: int, work: Path) -> dict[str, Any]:
         finally:
             structlog.configure(**logging_before)  # the file closes here: no logger may keep it
             if backend == "rabbitmq":
-                await delete_queues(settings)
+                await delete_queues(settings.certs_dir, settings.queue_prefix, settings.retry_tiers)
 
 
 def main() -> None:
