@@ -88,7 +88,9 @@ async def test_two_processes_share_the_port_and_a_killed_one_is_replaced(
     supervisor = _spawn([*map(str, args), "--processes", "2"], tmp_path / "run.log")
     url = f"http://127.0.0.1:{port}/v1/messages"
     try:
-        await _until(lambda: len(child_pids(supervisor.pid)) == 2, "two children started")
+        await _until(
+            lambda: len(kids := child_pids(supervisor.pid)) == 2 and all(map(_is_child, kids)), "two children started"
+        )
         first = child_pids(supervisor.pid)
         await until_ok(url.replace("/v1/messages", "/readyz"))
 
@@ -160,7 +162,9 @@ async def test_every_scrape_of_two_processes_counts_both_and_a_restart_loses_no_
     supervisor = _spawn([*map(str, [*args, "--metrics-port", metrics_port]), "--processes", "2"], tmp_path / "run.log")
     url = f"http://127.0.0.1:{port}/v1/messages"
     try:
-        await _until(lambda: len(child_pids(supervisor.pid)) == 2, "two children started")
+        await _until(
+            lambda: len(kids := child_pids(supervisor.pid)) == 2 and all(map(_is_child, kids)), "two children started"
+        )
         first = child_pids(supervisor.pid)
         await until_ok(url.replace("/v1/messages", "/readyz"))
         shared = _metrics_dirs(data)
@@ -174,7 +178,10 @@ async def test_every_scrape_of_two_processes_counts_both_and_a_restart_loses_no_
         os.kill(killed, signal.SIGKILL)
         # the survivor, before or after the replacement: never less than what was accepted
         assert await _accepted(metrics_port + _child_index(survivor)) == 12
-        await _until(lambda: len(kids := child_pids(supervisor.pid)) == 2 and killed not in kids, "replaced")
+        await _until(
+            lambda: len(kids := child_pids(supervisor.pid)) == 2 and killed not in kids and all(map(_is_child, kids)),
+            "replaced",
+        )
         replacement = (set(child_pids(supervisor.pid)) - {survivor}).pop()
         replacement_port = metrics_port + _child_index(replacement)
         await until_ok(f"http://127.0.0.1:{replacement_port}/livez")
@@ -208,8 +215,19 @@ async def _accepted(port: int) -> float | None:
     return value(parse_metrics(response.text), "nsw_messages_accepted_total")
 
 
+def _argv(pid: int) -> list[str]:
+    with contextlib.suppress(OSError):  # it may be gone already
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    return []
+
+
+def _is_child(pid: int) -> bool:
+    """A forked child shows the supervisor's argv until it has exec'd its own (with ``--child I``)."""
+    return "--child" in _argv(pid)
+
+
 def _child_index(pid: int) -> int:
-    argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    argv = _argv(pid)
     return int(argv[argv.index("--child") + 1])
 
 
