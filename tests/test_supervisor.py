@@ -88,11 +88,7 @@ async def test_two_processes_share_the_port_and_a_killed_one_is_replaced(
     supervisor = _spawn([*map(str, args), "--processes", "2"], tmp_path / "run.log")
     url = f"http://127.0.0.1:{port}/v1/messages"
     try:
-        await _until(
-            lambda: len(kids := child_pids(supervisor.pid)) == 2 and all(map(_is_child, kids)), "two children started"
-        )
-        first = child_pids(supervisor.pid)
-        await until_ok(url.replace("/v1/messages", "/readyz"))
+        first = await _two_children_ready(supervisor.pid, url)
 
         batch = [signed("licence.import") for _ in range(20)]
         assert await _post_all(url, batch) == [202] * 20
@@ -162,11 +158,7 @@ async def test_every_scrape_of_two_processes_counts_both_and_a_restart_loses_no_
     supervisor = _spawn([*map(str, [*args, "--metrics-port", metrics_port]), "--processes", "2"], tmp_path / "run.log")
     url = f"http://127.0.0.1:{port}/v1/messages"
     try:
-        await _until(
-            lambda: len(kids := child_pids(supervisor.pid)) == 2 and all(map(_is_child, kids)), "two children started"
-        )
-        first = child_pids(supervisor.pid)
-        await until_ok(url.replace("/v1/messages", "/readyz"))
+        first = await _two_children_ready(supervisor.pid, url)
         shared = _metrics_dirs(data)
         assert len(shared) == 1
         assert {_environ(pid).get(MULTIPROC_ENV) for pid in first} == {str(shared[0])}
@@ -213,6 +205,13 @@ async def _accepted(port: int) -> float | None:
         response = await client.get(f"http://127.0.0.1:{port}/metrics")
     assert response.status_code == 200, response.text
     return value(parse_metrics(response.text), "nsw_messages_accepted_total")
+
+
+async def _two_children_ready(supervisor: int, url: str) -> list[int]:
+    """Both children exec'd, and the gateway answering /readyz; their pids, oldest first."""
+    await _until(lambda: len(kids := child_pids(supervisor)) == 2 and all(map(_is_child, kids)), "two children started")
+    await until_ok(url.replace("/v1/messages", "/readyz"))
+    return child_pids(supervisor)
 
 
 def _argv(pid: int) -> list[str]:
