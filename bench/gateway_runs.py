@@ -194,15 +194,17 @@ class Deployment:
             [self.workers.pid, *self.workers.children()], broker_pid() if self.backend == "rabbitmq" else None
         )
         meter.start()
-        started, before = time.perf_counter(), len(self.agency.first_seen)
+        before = len(self.agency.first_seen)
         complete = await self.agency.wait_for(keys, within)
         seen = [self.agency.first_seen[k] for k in keys if k in self.agency.first_seen]
-        counted = len(self.agency.first_seen) - before
-        last = max(seen, default=started)
+        counted = len(self.agency.first_seen) - before  # the meter's deliveries: those after it started
+        # The rate runs from the first delivery's own time stamp: a fast drain may be over before this
+        # task notices the first one.
+        first, last = min(seen, default=0.0), max(seen, default=0.0)
         return {
             "delivered": len(seen),
             "all_delivered": complete,
-            "delivered_per_s": counted / (last - started) if last > started else 0.0,
+            "delivered_per_s": (len(seen) - 1) / (last - first) if last > first else 0.0,
             "cpu": meter.stop(counted),
             "peak_rss_kb": _peak_rss(self.workers),
         }
