@@ -3,8 +3,10 @@
 The queue topology and arguments live in ``gateway/brokers/names.py``. One robust connection
 (``connect_robust`` reconnects on its own, and restores the consumers' channels, QoS and
 consumers) carries one publisher-confirmed channel shared by every publish, plus one channel per
-subscription. Publishes are pipelined: every message of a call is written, then all confirms are
-awaited together, so a batch costs one round trip rather than one per message.
+subscription. Publishes are pipelined and coalesced: the messages of every call made in the same
+turn of the event loop are written together, then all their confirms are awaited together, so a
+turn costs one round trip rather than one per message, and its callers go on together
+(``gateway/brokers/coalesce.py`` says why that matters). A refused message fails only its own call.
 
 Message layout: the body is the payload exactly as received; ``message_id`` is the AMQP property;
 our fields travel as ``nsw-*`` headers next to the delivery's own headers. ``first_enqueued_at`` is
@@ -39,6 +41,7 @@ from aio_pika.exceptions import (
 
 from gateway.brokers import names
 from gateway.brokers.base import Ack, DeadLetter, DeadLetterRecord, Handler, Outcome, Retry
+from gateway.brokers.coalesce import Coalescer
 from gateway.errors import BrokerUnavailable, ConfigError
 from gateway.model import Delivery
 
@@ -70,6 +73,18 @@ _BROKER_HEADERS = frozenset(
         "x-last-death-reason",
     }
 )
+
+
+_Outgoing = tuple[str, aio_pika.Message, str]  # queue, message, destination
+
+
+def _refusal(results: Sequence[BaseException | None]) -> BrokerUnavailable | None:
+    failures = [r for r in results if r is not None]
+    if not failures:
+        return None
+    refused = BrokerUnavailable(f"RabbitMQ refused {len(failures)} of {len(results)} messages: {failures[0]!r}")
+    refused.__cause__ = failures[0]
+    return refused
 
 
 def encode(delivery: Delivery, *, now: float, extra: dict[str, Any] | None = None) -> aio_pika.Message:
@@ -166,6 +181,7 @@ class RabbitMQBroker:
         self._declared: set[str] = set()  # queues known to exist: publish skips declaring them
         self._known: set[str] = set()  # every destination declared or consumed, for list_dead(None)
         self._subscriptions: set[RabbitMQSubscription] = set()
+        self._publishes: Coalescer[list[_Outgoing]] = Coalescer(self._publish_calls)
 
     @property
     def declared_destinations(self) -> frozenset[str]:
@@ -207,6 +223,7 @@ class RabbitMQBroker:
         return self._connection
 
     async def close(self) -> None:
+        await self._publishes.wait_idle()  # publishes already written get their confirms (or their error)
         for sub in list(self._subscriptions):
             await sub.stop()
         connection, self._connection, self._publisher = self._connection, None, None
@@ -275,37 +292,52 @@ class RabbitMQBroker:
     # -- publish -----------------------------------------------------------------------------
 
     async def publish(self, deliveries: Sequence[Delivery]) -> None:
+        """Every delivery confirmed, or ``BrokerUnavailable``. Concurrent callers' deliveries go out together."""
         if not deliveries:
             return
         now = time.time()
-        await self._publish_all(
-            [(names.work_queue(d.destination, self.prefix), encode(d, now=now)) for d in deliveries],
-            destinations=[d.destination for d in deliveries],
+        await self._publishes.submit(
+            [(names.work_queue(d.destination, self.prefix), encode(d, now=now), d.destination) for d in deliveries]
         )
 
-    async def _publish_all(
-        self, messages: Sequence[tuple[str, aio_pika.Message]], *, destinations: Sequence[str]
-    ) -> None:
+    async def _publish_calls(self, calls: list[list[_Outgoing]]) -> list[BrokerUnavailable | None]:
+        """The coalesced publishes of one turn: every message written, confirms awaited together; each
+        call fails alone when one of its own messages is refused, all of them when the broker is gone."""
+        results = await self._publish_each([message for call in calls for message in call])
+        outcomes: list[BrokerUnavailable | None] = []
+        start = 0
+        for call in calls:
+            outcomes.append(_refusal(results[start : start + len(call)]))
+            start += len(call)
+        return outcomes
+
+    async def _publish_all(self, messages: Sequence[_Outgoing]) -> None:
         """Publish every message, then await every confirm together; any failure -> BrokerUnavailable."""
+        refused = _refusal(await self._publish_each(messages))
+        if refused is not None:
+            raise refused
+
+    async def _publish_each(self, messages: Sequence[_Outgoing]) -> list[BaseException | None]:
+        """Each message's confirm (None) or refusal; BrokerUnavailable when the broker cannot be reached."""
+        destinations = [destination for _, _, destination in messages]
         try:
             async with asyncio.timeout(self.publish_timeout):
                 await self._declare(destinations)
                 channel = await self._channel()
                 exchange = channel.default_exchange
                 results = await asyncio.gather(
-                    *(exchange.publish(message, routing_key=queue, mandatory=True) for queue, message in messages),
+                    *(exchange.publish(message, routing_key=queue, mandatory=True) for queue, message, _ in messages),
                     return_exceptions=True,
                 )
         except _FAILURES as exc:
             raise BrokerUnavailable(f"RabbitMQ did not confirm the publish: {exc!r}") from exc
-        failures = [r for r in results if isinstance(r, BaseException)]
-        if failures:
-            if any(isinstance(f, PublishError) for f in failures):
+        outcomes: list[BaseException | None] = []
+        for (_, _, destination), result in zip(messages, results, strict=True):
+            if isinstance(result, PublishError):
                 # Unroutable: a queue vanished after we declared it. Declare again on the next publish.
-                self._declared.difference_update(destinations)
-            raise BrokerUnavailable(
-                f"RabbitMQ refused {len(failures)} of {len(messages)} messages: {failures[0]!r}"
-            ) from failures[0]
+                self._declared.discard(destination)
+            outcomes.append(result if isinstance(result, BaseException) else None)
+        return outcomes
 
     # -- consume -----------------------------------------------------------------------------
 
@@ -327,14 +359,12 @@ class RabbitMQBroker:
         tier = names.pick_tier(self.retry_tiers, outcome.delay)
         copy = replace(delivery, attempt=delivery.attempt + (1 if outcome.count_attempt else 0))
         queue = names.retry_queue(delivery.destination, tier, self.prefix)
-        await self._publish_all([(queue, encode(copy, now=time.time()))], destinations=[delivery.destination])
+        await self._publish_all([(queue, encode(copy, now=time.time()), delivery.destination)])
 
     async def _dead_letter(self, delivery: Delivery, outcome: DeadLetter) -> None:
         extra = {H_DEAD_CODE: outcome.code, H_DEAD_REASON: outcome.reason, H_DEAD_AT: repr(time.time())}
         queue = names.dead_queue(delivery.destination, self.prefix)
-        await self._publish_all(
-            [(queue, encode(delivery, now=time.time(), extra=extra))], destinations=[delivery.destination]
-        )
+        await self._publish_all([(queue, encode(delivery, now=time.time(), extra=extra), delivery.destination)])
 
     # -- dead letters ------------------------------------------------------------------------
 
@@ -362,8 +392,8 @@ class RabbitMQBroker:
                 for m in chosen:
                     d = decode(m, dest)
                     d = replace(d, attempt=1, first_enqueued_at=now, headers={**d.headers, REPLAYED_HEADER: "true"})
-                    copies.append((names.work_queue(dest, self.prefix), encode(d, now=now)))
-                await self._publish_all(copies, destinations=[dest])
+                    copies.append((names.work_queue(dest, self.prefix), encode(d, now=now), dest))
+                await self._publish_all(copies)
                 # Only after every copy is confirmed: a crash before this line leaves a duplicate, not a loss.
                 for m in chosen:
                     await m.ack()

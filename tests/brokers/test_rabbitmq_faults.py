@@ -163,3 +163,32 @@ async def test_a_queue_that_vanished_is_an_error_then_declared_again() -> None:
     finally:
         await broker.close()
         await delete_queues(broker)
+
+
+@pytest.mark.rabbitmq
+async def test_concurrent_publishes_go_out_together_but_a_refusal_fails_only_its_own_caller() -> None:
+    require_rabbitmq()
+    broker = RabbitMQBroker(RABBIT_URL, retry_tiers=TEST_TIERS, queue_prefix=unique_prefix(), publish_timeout=3.0)
+    try:
+        await broker.declare(["customs", "agriculture"])
+        connection = await aio_pika.connect(RABBIT_URL)
+        async with connection:
+            channel = await connection.channel()
+            await channel.queue_delete(names.work_queue("customs", broker.prefix))
+        fine = [make_delivery("agriculture") for _ in range(5)]
+        results = await asyncio.gather(
+            *(broker.publish([d]) for d in fine[:3]),
+            broker.publish([make_delivery("customs")]),
+            *(broker.publish([d]) for d in fine[3:]),
+            return_exceptions=True,
+        )
+        assert [r is None for r in results] == [True, True, True, False, True, True]
+        assert isinstance(results[3], BrokerUnavailable)
+        assert "NO_ROUTE" in str(results[3])
+        got = Collector()
+        sub = await broker.consume("agriculture", got)
+        await got.wait_for_ids({d.message_id for d in fine})
+        await sub.stop()
+    finally:
+        await broker.close()
+        await delete_queues(broker)
