@@ -295,6 +295,15 @@ class RabbitMQBroker:
         """Every delivery confirmed, or ``BrokerUnavailable``. Concurrent callers' deliveries go out together."""
         if not deliveries:
             return
+        destinations = [d.destination for d in deliveries]
+        if not self._declared.issuperset(destinations):
+            # Declared per call, not in the coalesced flush: a queue that cannot be declared (ConfigError)
+            # fails only the calls that publish to it.
+            try:
+                async with asyncio.timeout(self.publish_timeout):
+                    await self._declare(destinations)
+            except _FAILURES as exc:
+                raise BrokerUnavailable(f"cannot declare queues: {exc!r}") from exc
         now = time.time()
         await self._publishes.submit(
             [(names.work_queue(d.destination, self.prefix), encode(d, now=now), d.destination) for d in deliveries]

@@ -16,7 +16,7 @@ from support.tcpproxy import TcpProxy
 
 from gateway.brokers import names
 from gateway.brokers.rabbitmq import RabbitMQBroker
-from gateway.errors import BrokerUnavailable
+from gateway.errors import BrokerUnavailable, ConfigError
 from gateway.model import Delivery
 
 
@@ -192,3 +192,33 @@ async def test_concurrent_publishes_go_out_together_but_a_refusal_fails_only_its
     finally:
         await broker.close()
         await delete_queues(broker)
+
+
+@pytest.mark.rabbitmq
+async def test_a_queue_that_cannot_be_declared_fails_only_the_publishes_to_it() -> None:
+    require_rabbitmq()
+    broker = RabbitMQBroker(RABBIT_URL, retry_tiers=TEST_TIERS, queue_prefix=unique_prefix(), publish_timeout=3.0)
+    try:
+        connection = await aio_pika.connect(RABBIT_URL)
+        async with connection:  # a classic queue where a quorum queue belongs: arguments differ
+            channel = await connection.channel()
+            await channel.declare_queue(names.work_queue("customs", broker.prefix), durable=True)
+        fine = make_delivery("agriculture")
+        results = await asyncio.gather(
+            broker.publish([make_delivery("customs")]), broker.publish([fine]), return_exceptions=True
+        )
+        assert isinstance(results[0], ConfigError)
+        assert "exists with other arguments" in str(results[0])
+        assert results[1] is None
+        got = Collector()
+        sub = await broker.consume("agriculture", got)
+        await got.wait_for_ids({fine.message_id})
+        await sub.stop()
+    finally:
+        await broker.close()
+        await delete_queues(broker)
+        cleanup = await aio_pika.connect(RABBIT_URL)
+        async with cleanup:  # "customs" never counted as declared: its queues are not delete_queues' to find
+            channel = await cleanup.channel()
+            for queue, _arguments in names.queue_plan("customs", TEST_TIERS, prefix=broker.prefix):
+                await channel.queue_delete(queue)
