@@ -55,6 +55,14 @@ async def publish_until_accepted(broker: RabbitMQBroker, batch: list[Delivery]) 
                 return
 
 
+async def receive(broker: RabbitMQBroker, destination: str, ids: set[str]) -> None:
+    """Consume ``destination`` until every one of ``ids`` has arrived."""
+    got = Collector()
+    sub = await broker.consume(destination, got)
+    await got.wait_for_ids(ids)
+    await sub.stop()
+
+
 @pytest.mark.rabbitmq
 async def test_every_message_is_handled_across_a_forced_reconnect(vhost: str) -> None:
     url = f"amqp://guest:guest@127.0.0.1:5672/{vhost}?reconnect_interval=0.3"
@@ -156,10 +164,7 @@ async def test_a_queue_that_vanished_is_an_error_then_declared_again() -> None:
             await broker.publish([make_delivery("customs")])  # mandatory: unroutable is not "accepted"
         delivery = make_delivery("customs")
         await broker.publish([delivery])
-        got = Collector()
-        sub = await broker.consume("customs", got)
-        await got.wait_for_ids({delivery.message_id})
-        await sub.stop()
+        await receive(broker, "customs", {delivery.message_id})
     finally:
         await broker.close()
         await delete_queues(broker)
@@ -185,10 +190,7 @@ async def test_concurrent_publishes_go_out_together_but_a_refusal_fails_only_its
         assert [r is None for r in results] == [True, True, True, False, True, True]
         assert isinstance(results[3], BrokerUnavailable)
         assert "NO_ROUTE" in str(results[3])
-        got = Collector()
-        sub = await broker.consume("agriculture", got)
-        await got.wait_for_ids({d.message_id for d in fine})
-        await sub.stop()
+        await receive(broker, "agriculture", {d.message_id for d in fine})
     finally:
         await broker.close()
         await delete_queues(broker)
@@ -210,10 +212,7 @@ async def test_a_queue_that_cannot_be_declared_fails_only_the_publishes_to_it() 
         assert isinstance(results[0], ConfigError)
         assert "exists with other arguments" in str(results[0])
         assert results[1] is None
-        got = Collector()
-        sub = await broker.consume("agriculture", got)
-        await got.wait_for_ids({fine.message_id})
-        await sub.stop()
+        await receive(broker, "agriculture", {fine.message_id})
     finally:
         await broker.close()
         await delete_queues(broker)
