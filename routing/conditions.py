@@ -197,7 +197,7 @@ def _string(value: Any, what: str) -> str:
     if isinstance(value, int | float):
         raise ConditionSpecError(
             f"{what} must be a quoted string, got the number {value!r} "
-            f"(YAML reads 01 as 1: write \"{value}\" or the code exactly as sent, in quotes)"
+            f'(YAML reads 01 as 1: write "{value}" or the code exactly as sent, in quotes)'
         )
     raise ConditionSpecError(f"{what} must be a string, got {type(value).__name__}")
 

@@ -230,9 +230,7 @@ def _rule(
     when = _mapping(spec.get("when"), where, "when")
     unknown = sorted(set(when) - set(WHEN_KEYS))
     if unknown:
-        raise ConfigError(
-            f"{where}: unknown condition key(s) {', '.join(unknown)} (known: {', '.join(WHEN_KEYS)})"
-        )
+        raise ConfigError(f"{where}: unknown condition key(s) {', '.join(unknown)} (known: {', '.join(WHEN_KEYS)})")
     to = spec.get("to")
     if to is None or to == []:
         raise ConfigError(f"{where}: has no 'to' (the destinations it routes to)")

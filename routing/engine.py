@@ -160,8 +160,16 @@ class RoutingTable:
                         chosen[name] = RouteDecision(name, rule.name)
                 stopped = rule.stop
             traces.append(
-                RuleTrace(rule.name, rule.description, True, matched, conditions, tuple(given), tuple(skipped),
-                          matched and rule.stop)
+                RuleTrace(
+                    rule.name,
+                    rule.description,
+                    True,
+                    matched,
+                    conditions,
+                    tuple(given),
+                    tuple(skipped),
+                    matched and rule.stop,
+                )
             )
         if error is None and not chosen:
             error = _no_route(header, skipped_all)

@@ -89,6 +89,7 @@ def test_may_tables(registry: PartnerRegistry) -> None:
     assert nsw.may("nsw.receipt", "99")
     assert not nsw.may("licence.import", "01")
 
+
 def test_authorities(registry: PartnerRegistry) -> None:
     assert [p.identity for p in registry.authorities_for("eco.atiga-form-d")] == ["VN-MOIT"]
     assert [p.identity for p in registry.authorities_for("sps.ephyto", "VN")] == ["VN-MARD-PPD"]

@@ -1,4 +1,5 @@
-"""The quality bar is part of the suite, so the one test command (and CI) holds it: ruff clean, mypy strict."""
+"""The quality bar is part of the suite, so the one test command (and CI) holds it: ruff clean and formatted,
+mypy strict."""
 
 from __future__ import annotations
 
@@ -14,6 +15,11 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_ruff_is_clean() -> None:
     result = _run(sys.executable, "-m", "ruff", "check", ".")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_ruff_format_leaves_every_file_as_it_is() -> None:
+    result = _run(sys.executable, "-m", "ruff", "format", "--check", ".")
     assert result.returncode == 0, result.stdout + result.stderr
 
 

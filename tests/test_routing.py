@@ -583,14 +583,26 @@ WCO = "{urn:wco:datamodel:WCO:DocumentMetaData-DMS:2}MetaData"
 DEFAULT_CASES = [
     # licences
     ("licence application", header("licence.import", "01", TRADER), lic("ImportLicence", "847130"), ["moit"]),
-    ("pharmaceutical import", header("licence.import", "02", TRADER), lic("ImportLicence", "847130", "300490"),
-     ["moit", "moh"]),
+    (
+        "pharmaceutical import",
+        header("licence.import", "02", TRADER),
+        lic("ImportLicence", "847130", "300490"),
+        ["moit", "moh"],
+    ),
     ("pharmaceutical export", header("licence.export", "01", TRADER), lic("ExportLicence", "300490"), ["moit"]),
     ("licence answer", header("licence.export", "22", "VN-MOIT"), lic("ExportLicence"), ["trader-portal"]),
-    ("licence approval", header("licence.import", "27", "VN-MOIT"), lic("ImportLicence"),
-     ["trader-portal", "customs", "archive"]),
-    ("licence issued by MOH", header("licence.import", "01", "VN-MOH"), lic("ImportLicence"),
-     ["trader-portal", "customs", "archive"]),
+    (
+        "licence approval",
+        header("licence.import", "27", "VN-MOIT"),
+        lic("ImportLicence"),
+        ["trader-portal", "customs", "archive"],
+    ),
+    (
+        "licence issued by MOH",
+        header("licence.import", "01", "VN-MOH"),
+        lic("ImportLicence"),
+        ["trader-portal", "customs", "archive"],
+    ),
     ("licence used at customs", header("licence.import", "11", "VN-CUSTOMS"), lic("ImportLicence"), ["moit"]),
     # permits
     ("permit application", header("permit.quarantine", "01", TRADER), other(PERMIT), ["mard-ppd", "customs"]),
@@ -599,28 +611,52 @@ DEFAULT_CASES = [
     # e-C/O
     ("e-C/O application", header("eco.atiga-form-d", "01", TRADER), eco("TH"), ["moit"]),
     ("e-C/O approval", header("eco.atiga-form-d", "27", "VN-MOIT"), eco("TH"), ["trader-portal"]),
-    ("e-C/O issued for an ASEAN peer", header("eco.atiga-form-d", "01", "VN-MOIT"), eco("TH"),
-     ["customs", "archive", "asw:TH"]),
+    (
+        "e-C/O issued for an ASEAN peer",
+        header("eco.atiga-form-d", "01", "VN-MOIT"),
+        eco("TH"),
+        ["customs", "archive", "asw:TH"],
+    ),
     ("e-C/O issued for VN", header("eco.atiga-form-d", "01", "VN-MOIT"), eco("VN"), ["customs", "archive"]),
-    ("e-C/O from a peer", header("eco.atiga-form-d", "01", "TH-NSW", sender_country="TH"), eco("VN"),
-     ["customs", "archive"]),
+    (
+        "e-C/O from a peer",
+        header("eco.atiga-form-d", "01", "TH-NSW", sender_country="TH"),
+        eco("VN"),
+        ["customs", "archive"],
+    ),
     ("e-C/O answer from customs", header("eco.atiga-form-d", "23", "VN-CUSTOMS"), eco("VN"), ["moit"]),
     ("e-C/O answer from a peer", header("eco.atiga-form-d", "22", "TH-NSW", sender_country="TH"), eco("TH"), ["moit"]),
     # ePhyto
-    ("ePhyto issued for a peer", header("sps.ephyto", "01", "VN-MARD-PPD"), ephyto("TH"),
-     ["customs", "archive", "asw:TH"]),
-    ("ePhyto from a peer", header("sps.ephyto", "01", "TH-NSW", sender_country="TH"), ephyto("VN"),
-     ["customs", "mard-ppd", "archive"]),
+    (
+        "ePhyto issued for a peer",
+        header("sps.ephyto", "01", "VN-MARD-PPD"),
+        ephyto("TH"),
+        ["customs", "archive", "asw:TH"],
+    ),
+    (
+        "ePhyto from a peer",
+        header("sps.ephyto", "01", "TH-NSW", sender_country="TH"),
+        ephyto("VN"),
+        ["customs", "mard-ppd", "archive"],
+    ),
     ("ePhyto customs feedback", header("sps.ephyto", "26", "VN-CUSTOMS"), ephyto("TH"), ["mard-ppd"]),
     # customs declarations
     ("customs declaration", header("wco.dec.submit", "01", TRADER), other(WCO), ["customs"]),
     ("declaration cancelled", header("wco.dec.cancel", "03", TRADER), other(WCO), ["customs"]),
     ("customs notification", header("wco.res.notification", "29", "VN-CUSTOMS"), other(WCO), ["trader-portal"]),
-    ("upload locations", header("wco.fileupload.response", "29", "VN-CUSTOMS"), other("{hmrc:fileupload}X"),
-     ["trader-portal"]),
+    (
+        "upload locations",
+        header("wco.fileupload.response", "29", "VN-CUSTOMS"),
+        other("{hmrc:fileupload}X"),
+        ["trader-portal"],
+    ),
     # a peer gateway's asynchronous receipt
-    ("peer receipt", header("nsw.receipt", "99", "TH-NSW", sender_country="TH"), other("{urn:nsw:receipt:1}Receipt"),
-     ["archive"]),
+    (
+        "peer receipt",
+        header("nsw.receipt", "99", "TH-NSW", sender_country="TH"),
+        other("{urn:nsw:receipt:1}Receipt"),
+        ["archive"],
+    ),
 ]
 
 
