@@ -55,6 +55,18 @@ async def publish_until_accepted(broker: RabbitMQBroker, batch: list[Delivery]) 
                 return
 
 
+def short_timeout_broker() -> RabbitMQBroker:
+    return RabbitMQBroker(RABBIT_URL, retry_tiers=TEST_TIERS, queue_prefix=unique_prefix(), publish_timeout=3.0)
+
+
+async def delete_work_queue(broker: RabbitMQBroker, destination: str) -> None:
+    """Delete a declared queue behind the broker's back (an operator's mistake, or a policy)."""
+    connection = await aio_pika.connect(RABBIT_URL)
+    async with connection:
+        channel = await connection.channel()
+        await channel.queue_delete(names.work_queue(destination, broker.prefix))
+
+
 async def receive(broker: RabbitMQBroker, destination: str, ids: set[str]) -> None:
     """Consume ``destination`` until every one of ``ids`` has arrived."""
     got = Collector()
@@ -153,13 +165,10 @@ async def test_an_unreachable_broker_makes_publish_fail_fast() -> None:
 @pytest.mark.rabbitmq
 async def test_a_queue_that_vanished_is_an_error_then_declared_again() -> None:
     require_rabbitmq()
-    broker = RabbitMQBroker(RABBIT_URL, retry_tiers=TEST_TIERS, queue_prefix=unique_prefix(), publish_timeout=3.0)
+    broker = short_timeout_broker()
     try:
         await broker.declare(["customs"])
-        connection = await aio_pika.connect(RABBIT_URL)
-        async with connection:
-            channel = await connection.channel()
-            await channel.queue_delete(names.work_queue("customs", broker.prefix))
+        await delete_work_queue(broker, "customs")
         with pytest.raises(BrokerUnavailable, match="NO_ROUTE"):
             await broker.publish([make_delivery("customs")])  # mandatory: unroutable is not "accepted"
         delivery = make_delivery("customs")
@@ -173,13 +182,10 @@ async def test_a_queue_that_vanished_is_an_error_then_declared_again() -> None:
 @pytest.mark.rabbitmq
 async def test_concurrent_publishes_go_out_together_but_a_refusal_fails_only_its_own_caller() -> None:
     require_rabbitmq()
-    broker = RabbitMQBroker(RABBIT_URL, retry_tiers=TEST_TIERS, queue_prefix=unique_prefix(), publish_timeout=3.0)
+    broker = short_timeout_broker()
     try:
         await broker.declare(["customs", "agriculture"])
-        connection = await aio_pika.connect(RABBIT_URL)
-        async with connection:
-            channel = await connection.channel()
-            await channel.queue_delete(names.work_queue("customs", broker.prefix))
+        await delete_work_queue(broker, "customs")
         fine = [make_delivery("agriculture") for _ in range(5)]
         results = await asyncio.gather(
             *(broker.publish([d]) for d in fine[:3]),
@@ -199,7 +205,7 @@ async def test_concurrent_publishes_go_out_together_but_a_refusal_fails_only_its
 @pytest.mark.rabbitmq
 async def test_a_queue_that_cannot_be_declared_fails_only_the_publishes_to_it() -> None:
     require_rabbitmq()
-    broker = RabbitMQBroker(RABBIT_URL, retry_tiers=TEST_TIERS, queue_prefix=unique_prefix(), publish_timeout=3.0)
+    broker = short_timeout_broker()
     try:
         connection = await aio_pika.connect(RABBIT_URL)
         async with connection:  # a classic queue where a quorum queue belongs: arguments differ
