@@ -55,8 +55,16 @@ async def publish_until_accepted(broker: RabbitMQBroker, batch: list[Delivery]) 
                 return
 
 
-def short_timeout_broker() -> RabbitMQBroker:
-    return RabbitMQBroker(RABBIT_URL, retry_tiers=TEST_TIERS, queue_prefix=unique_prefix(), publish_timeout=3.0)
+@pytest.fixture
+async def broker() -> AsyncIterator[RabbitMQBroker]:
+    """A broker with queues of its own and a short publish timeout; closed and its queues deleted after."""
+    require_rabbitmq()
+    broker = RabbitMQBroker(RABBIT_URL, retry_tiers=TEST_TIERS, queue_prefix=unique_prefix(), publish_timeout=3.0)
+    try:
+        yield broker
+    finally:
+        await broker.close()
+        await delete_queues(broker)
 
 
 async def delete_work_queue(broker: RabbitMQBroker, destination: str) -> None:
@@ -163,67 +171,51 @@ async def test_an_unreachable_broker_makes_publish_fail_fast() -> None:
 
 
 @pytest.mark.rabbitmq
-async def test_a_queue_that_vanished_is_an_error_then_declared_again() -> None:
-    require_rabbitmq()
-    broker = short_timeout_broker()
-    try:
-        await broker.declare(["customs"])
-        await delete_work_queue(broker, "customs")
-        with pytest.raises(BrokerUnavailable, match="NO_ROUTE"):
-            await broker.publish([make_delivery("customs")])  # mandatory: unroutable is not "accepted"
-        delivery = make_delivery("customs")
-        await broker.publish([delivery])
-        await receive(broker, "customs", {delivery.message_id})
-    finally:
-        await broker.close()
-        await delete_queues(broker)
+async def test_a_queue_that_vanished_is_an_error_then_declared_again(broker: RabbitMQBroker) -> None:
+    await broker.declare(["customs"])
+    await delete_work_queue(broker, "customs")
+    with pytest.raises(BrokerUnavailable, match="NO_ROUTE"):
+        await broker.publish([make_delivery("customs")])  # mandatory: unroutable is not "accepted"
+    delivery = make_delivery("customs")
+    await broker.publish([delivery])
+    await receive(broker, "customs", {delivery.message_id})
 
 
 @pytest.mark.rabbitmq
-async def test_concurrent_publishes_go_out_together_but_a_refusal_fails_only_its_own_caller() -> None:
-    require_rabbitmq()
-    broker = short_timeout_broker()
-    try:
-        await broker.declare(["customs", "agriculture"])
-        await delete_work_queue(broker, "customs")
-        fine = [make_delivery("agriculture") for _ in range(5)]
-        results = await asyncio.gather(
-            *(broker.publish([d]) for d in fine[:3]),
-            broker.publish([make_delivery("customs")]),
-            *(broker.publish([d]) for d in fine[3:]),
-            return_exceptions=True,
-        )
-        assert [r is None for r in results] == [True, True, True, False, True, True]
-        assert isinstance(results[3], BrokerUnavailable)
-        assert "NO_ROUTE" in str(results[3])
-        await receive(broker, "agriculture", {d.message_id for d in fine})
-    finally:
-        await broker.close()
-        await delete_queues(broker)
+async def test_concurrent_publishes_go_out_together_but_a_refusal_fails_only_its_own_call(
+    broker: RabbitMQBroker,
+) -> None:
+    await broker.declare(["customs", "agriculture"])
+    await delete_work_queue(broker, "customs")
+    fine = [make_delivery("agriculture") for _ in range(5)]
+    results = await asyncio.gather(
+        *(broker.publish([d]) for d in fine[:3]),
+        broker.publish([make_delivery("customs")]),
+        *(broker.publish([d]) for d in fine[3:]),
+        return_exceptions=True,
+    )
+    assert [r is None for r in results] == [True, True, True, False, True, True]
+    assert isinstance(results[3], BrokerUnavailable)
+    assert "NO_ROUTE" in str(results[3])
+    await receive(broker, "agriculture", {d.message_id for d in fine})
 
 
 @pytest.mark.rabbitmq
-async def test_a_queue_that_cannot_be_declared_fails_only_the_publishes_to_it() -> None:
-    require_rabbitmq()
-    broker = short_timeout_broker()
-    try:
-        connection = await aio_pika.connect(RABBIT_URL)
-        async with connection:  # a classic queue where a quorum queue belongs: arguments differ
-            channel = await connection.channel()
-            await channel.declare_queue(names.work_queue("customs", broker.prefix), durable=True)
-        fine = make_delivery("agriculture")
-        results = await asyncio.gather(
-            broker.publish([make_delivery("customs")]), broker.publish([fine]), return_exceptions=True
-        )
-        assert isinstance(results[0], ConfigError)
-        assert "exists with other arguments" in str(results[0])
-        assert results[1] is None
-        await receive(broker, "agriculture", {fine.message_id})
-    finally:
-        await broker.close()
-        await delete_queues(broker)
-        cleanup = await aio_pika.connect(RABBIT_URL)
-        async with cleanup:  # "customs" never counted as declared: its queues are not delete_queues' to find
-            channel = await cleanup.channel()
+async def test_a_queue_that_cannot_be_declared_fails_only_the_publishes_to_it(broker: RabbitMQBroker) -> None:
+    connection = await aio_pika.connect(RABBIT_URL)
+    async with connection:
+        channel = await connection.channel()
+        # a classic queue where a quorum queue belongs: arguments differ
+        await channel.declare_queue(names.work_queue("customs", broker.prefix), durable=True)
+        try:
+            fine = make_delivery("agriculture")
+            results = await asyncio.gather(
+                broker.publish([make_delivery("customs")]), broker.publish([fine]), return_exceptions=True
+            )
+            assert isinstance(results[0], ConfigError)
+            assert "exists with other arguments" in str(results[0])
+            assert results[1] is None
+            await receive(broker, "agriculture", {fine.message_id})
+        finally:  # "customs" never counted as declared: its queues are not the fixture's to find
             for queue, _arguments in names.queue_plan("customs", TEST_TIERS, prefix=broker.prefix):
                 await channel.queue_delete(queue)
