@@ -47,6 +47,9 @@ class Settings:
     retry_tiers: tuple[float, ...] = (5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0)
     lease_seconds: float = 60.0
     sqlite_synchronous: str = "FULL"
+    # Ledger group commit: after a commit that carried several operations, wait this long for more
+    # before the next one (0 = never wait). See gateway/stores/group.py.
+    ledger_linger_ms: float = 2.0
     operator_token: str | None = None  # bearer token for operator endpoints
     tls_cert: Path | None = None  # ingress server certificate (HTTPS) ...
     tls_key: Path | None = None
@@ -143,4 +146,6 @@ def load_settings(
     settings = dataclasses.replace(Settings(), **values)
     if settings.sqlite_synchronous.upper() not in {"FULL", "NORMAL", "EXTRA"}:
         raise ConfigError(f"setting sqlite_synchronous: {settings.sqlite_synchronous!r} is not FULL, NORMAL or EXTRA")
+    if not 0 <= settings.ledger_linger_ms <= 1000:
+        raise ConfigError(f"setting ledger_linger_ms: {settings.ledger_linger_ms} is not between 0 and 1000")
     return settings

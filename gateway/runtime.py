@@ -98,7 +98,12 @@ class Gateway:
         receipts = ReceiptFactory(signer, gateway_party)
         peers = peer_destinations(partners)
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        ledger = make_ledger(settings.database_url, settings.data_dir, synchronous=settings.sqlite_synchronous)
+        ledger = make_ledger(
+            settings.database_url,
+            settings.data_dir,
+            synchronous=settings.sqlite_synchronous,
+            linger=settings.ledger_linger_ms / 1000,
+        )
         await ledger.open()
         # Metrics are counted from the events the ledger carries (gateway/metrics.py); one registry per gateway.
         metrics = metrics if metrics is not None else GatewayMetrics()

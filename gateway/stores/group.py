@@ -3,6 +3,14 @@
 One batch is in flight at a time per ledger, so under load a single transaction (and a single
 fsync) carries hundreds of claims, accepts and records, while a lone operation still commits at
 once, without waiting for company. Each caller's future is resolved only after its batch commits.
+
+``linger``: after a batch that carried more than one operation (there is company), wait that long
+before taking the next batch, so it carries more. Without it, at moderate load the batches stay at
+one or two operations: every commit wakes the writer thread, hands the GIL back and forth with the
+event loop a dozen times and takes the shared database lock, and that per-commit cost, not the
+messages, filled the CPU (`nswgw run` on RabbitMQ, 2 ms: 3.9 -> 3.6 ms of CPU per message and p99
+150 -> 100 ms at 500 msg/s offered, and about 15% more messages per second at saturation). A lone
+operation after a quiet spell still commits at once.
 """
 
 from __future__ import annotations
@@ -24,9 +32,20 @@ RunBatch = Callable[[list[Op]], Awaitable[tuple[list[Result], list[AuditRecord]]
 
 
 class GroupCommit:
-    def __init__(self, run: RunBatch, *, max_batch: int = 1000) -> None:
+    def __init__(
+        self,
+        run: RunBatch,
+        *,
+        max_batch: int = 1000,
+        linger: float = 0.0,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        if linger < 0:
+            raise ValueError(f"linger must be >= 0 seconds, not {linger}")
         self._run = run
         self._max_batch = max_batch
+        self._linger = linger
+        self._sleep = sleep
         self._pending: list[tuple[Op, asyncio.Future[Result]]] = []
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -53,11 +72,20 @@ class GroupCommit:
         await asyncio.get_running_loop().run_in_executor(None, self._log.shutdown)
 
     async def _drain(self) -> None:
+        company = False  # the last batch carried several operations: more are likely on their way
         try:
             while self._pending:
+                if company and self._linger and len(self._pending) < self._max_batch:
+                    await self._sleep(self._linger)
                 batch = self._pending[: self._max_batch]
                 del self._pending[: self._max_batch]
+                company = len(batch) > 1
                 await self._commit(batch)
+        except asyncio.CancelledError:  # the loop is going away: nobody may be left waiting forever
+            for _, future in self._pending:
+                future.cancel()
+            self._pending.clear()
+            raise
         finally:
             self._task = None
 

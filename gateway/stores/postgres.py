@@ -92,10 +92,12 @@ class PostgresLedger(GroupCommitLedger):
         timeout: float = 10.0,
         max_batch: int = 1000,
         pool_size: int = 4,
+        linger: float = 0.0,
     ) -> None:
         """``schema``: created if missing and used for every table (default: the DSN's search_path).
 
-        ``timeout``: seconds for a connection, a lock or a statement before ``BrokerUnavailable``.
+        ``timeout``: seconds for a connection, a lock or a statement before ``BrokerUnavailable``;
+        ``linger``: the group commit's wait for company (``gateway/stores/group.py``).
         """
         if schema is not None and not SCHEMA_NAME.fullmatch(schema):
             raise ValueError(f"schema must match {SCHEMA_NAME.pattern}, not {schema!r}")
@@ -105,6 +107,7 @@ class PostgresLedger(GroupCommitLedger):
         self._timeout = timeout
         self._max_batch = max_batch
         self._pool_size = pool_size
+        self._linger = linger
         self._pool: asyncpg.Pool | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -135,7 +138,7 @@ class PostgresLedger(GroupCommitLedger):
             await pool.close()
             raise
         self._pool = pool
-        self._group = GroupCommit(self._run_batch, max_batch=self._max_batch)
+        self._group = GroupCommit(self._run_batch, max_batch=self._max_batch, linger=self._linger)
 
     async def close(self) -> None:
         group, self._group = self._group, None

@@ -64,8 +64,17 @@ MAX_ROWS = 128  # rows per INSERT statement: 13 columns x 128 = 1,664 parameters
 
 
 class SqliteLedger(GroupCommitLedger):
-    def __init__(self, path: Path, *, synchronous: str = "FULL", timeout: float = 10.0, max_batch: int = 1000) -> None:
-        """``timeout``: seconds to wait for another process's write lock before ``BrokerUnavailable``."""
+    def __init__(
+        self,
+        path: Path,
+        *,
+        synchronous: str = "FULL",
+        timeout: float = 10.0,
+        max_batch: int = 1000,
+        linger: float = 0.0,
+    ) -> None:
+        """``timeout``: seconds to wait for another process's write lock before ``BrokerUnavailable``;
+        ``linger``: the group commit's wait for company (``gateway/stores/group.py``)."""
         if synchronous.upper() not in SYNCHRONOUS:
             raise ValueError(f"synchronous must be one of {sorted(SYNCHRONOUS)}, not {synchronous!r}")
         self.path = path
@@ -73,6 +82,7 @@ class SqliteLedger(GroupCommitLedger):
         self._synchronous = synchronous.upper()
         self._timeout = timeout
         self._max_batch = max_batch
+        self._linger = linger
         self._writer: ThreadPoolExecutor | None = None
         self._reader: ThreadPoolExecutor | None = None
         self._wconn: sqlite3.Connection | None = None
@@ -87,7 +97,7 @@ class SqliteLedger(GroupCommitLedger):
         except BrokerUnavailable:
             await self.close()
             raise
-        self._group = GroupCommit(self._run_batch, max_batch=self._max_batch)
+        self._group = GroupCommit(self._run_batch, max_batch=self._max_batch, linger=self._linger)
 
     async def close(self) -> None:
         group, self._group = self._group, None

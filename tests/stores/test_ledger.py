@@ -352,3 +352,27 @@ def test_the_factory_picks_postgres_for_a_postgres_url(tmp_path: Path) -> None:
         make_ledger("mysql://x", tmp_path)
     with pytest.raises(ValueError, match="synchronous"):
         SqliteLedger(tmp_path / "x.db", synchronous="OFF")
+
+
+async def test_a_lingering_ledger_commits_every_wave_of_concurrent_work(backend: Backend) -> None:
+    # linger (gateway/stores/group.py) reaches both backends: waves of claims, accepts and records that
+    # overlap in time, each caller answered only after its own operation committed, the chain intact.
+    ledger = backend.make(linger=0.003)
+    await ledger.open()
+    try:
+
+        async def one(i: int) -> None:
+            claim = await ledger.claim(f"w-{i}", SENDER, DIGEST, DOC, [received(f"w-{i}")])
+            assert claim.kind is ClaimKind.NEW
+            await ledger.accept(f"w-{i}", b"<receipt/>", ["d"], [Event(State.ACCEPTED, f"w-{i}")])
+            await ledger.record([Event(State.QUEUED, f"w-{i}", "d")])
+
+        for wave in range(3):
+            await asyncio.gather(*(one(wave * 40 + i) for i in range(40)))
+        report = await ledger.verify_audit()
+        assert (report.ok, report.count) == (True, 360)
+        status = await ledger.status("w-119")
+        assert status is not None
+        assert (status.state, set(status.destinations)) == (State.ACCEPTED, {"d"})
+    finally:
+        await ledger.close()
