@@ -66,6 +66,15 @@ class Harness:
     def finish_commit(self) -> None:
         self._commit_gate.set()
 
+    async def committing_with_company(self) -> list[asyncio.Task[object]]:
+        """Submit a alone, then b and c while [a] commits; return once [b, c] is committing (held)."""
+        a = self.submit("a")
+        await self.started_commit()  # [a] alone
+        b, c = self.submit("b"), self.submit("c")
+        self.finish_commit()
+        await self.started_commit()  # [b, c]: the batch before it was alone, so no wait before it
+        return [a, b, c]
+
     def end_linger(self) -> None:
         self._linger_gate.set()
 
@@ -85,11 +94,7 @@ async def test_a_lone_operation_commits_without_waiting() -> None:
 
 async def test_after_a_batch_with_company_the_next_batch_waits_and_carries_what_came_meanwhile() -> None:
     h = Harness(linger=0.002)
-    a = h.submit("a")
-    await h.started_commit()  # [a] alone
-    b, c = h.submit("b"), h.submit("c")
-    h.finish_commit()
-    await h.started_commit()  # [b, c]: the first batch was alone, so no wait before it
+    first = await h.committing_with_company()
     assert h.sleeps == []
     d = h.submit("d")
     h.finish_commit()
@@ -98,20 +103,16 @@ async def test_after_a_batch_with_company_the_next_batch_waits_and_carries_what_
     h.end_linger()
     await h.started_commit()
     h.finish_commit()
-    await _settled(a, b, c, d, e)
+    await _settled(*first, d, e)
     assert h.batches == [["a"], ["b", "c"], ["d", "e"]]
     assert h.sleeps == [0.002]
 
 
 async def test_a_quiet_spell_ends_the_waiting() -> None:
     h = Harness()
-    a = h.submit("a")
-    await h.started_commit()
-    b, c = h.submit("b"), h.submit("c")
+    first = await h.committing_with_company()
     h.finish_commit()
-    await h.started_commit()
-    h.finish_commit()
-    await _settled(a, b, c)  # nothing pending any more: the group commit goes idle
+    await _settled(*first)  # nothing pending any more: the group commit goes idle
     h.hold_commits = False
     await _settled(h.submit("d"))
     assert h.batches == [["a"], ["b", "c"], ["d"]]
@@ -120,43 +121,31 @@ async def test_a_quiet_spell_ends_the_waiting() -> None:
 
 async def test_no_linger_never_waits() -> None:
     h = Harness(linger=0.0)
-    a = h.submit("a")
-    await h.started_commit()
-    b, c = h.submit("b"), h.submit("c")
-    h.finish_commit()
-    await h.started_commit()
+    first = await h.committing_with_company()
     d = h.submit("d")
     h.finish_commit()
     await h.started_commit()
     h.finish_commit()
-    await _settled(a, b, c, d)
+    await _settled(*first, d)
     assert h.batches == [["a"], ["b", "c"], ["d"]]
     assert h.sleeps == []
 
 
 async def test_a_full_batch_does_not_wait() -> None:
     h = Harness(max_batch=2)
-    a = h.submit("a")
-    await h.started_commit()
-    b, c = h.submit("b"), h.submit("c")
-    h.finish_commit()
-    await h.started_commit()  # [b, c] had company ...
+    first = await h.committing_with_company()
     d, e = h.submit("d"), h.submit("e")
     h.finish_commit()
-    await h.started_commit()  # ... but [d, e] fills a batch already: no reason to wait
+    await h.started_commit()  # [b, c] had company, but [d, e] fills a batch already: no reason to wait
     h.finish_commit()
-    await _settled(a, b, c, d, e)
+    await _settled(*first, d, e)
     assert h.batches == [["a"], ["b", "c"], ["d", "e"]]
     assert h.sleeps == []
 
 
 async def test_cancelled_while_waiting_leaves_nobody_waiting_forever() -> None:
     h = Harness()
-    a = h.submit("a")
-    await h.started_commit()
-    b, c = h.submit("b"), h.submit("c")
-    h.finish_commit()
-    await h.started_commit()
+    first = await h.committing_with_company()
     d = h.submit("d")
     h.finish_commit()
     await h.started_linger()
@@ -165,7 +154,7 @@ async def test_cancelled_while_waiting_leaves_nobody_waiting_forever() -> None:
     drain.cancel()
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(d, timeout=5)
-    await _settled(a, b, c)
+    await _settled(*first)
     assert h.batches == [["a"], ["b", "c"]]
 
 
