@@ -123,6 +123,8 @@ def table(result: dict[str, Any]) -> str:
                         f"achieved {_f(phase['accepted_per_s'])}/s",
                     )
                 )
+                if "cpu" in phase:  # per message, partial load costs more than saturation: smaller batches
+                    lines.append(_cpu_line(phase["cpu"], processes, f"message at {rate:.0f}/s"))
                 lines += filter(None, [_stage_line(phase)])
             if "cpu" in sat:
                 lines.append(_cpu_line(sat["cpu"], processes))
