@@ -288,7 +288,8 @@ def emit(records: Iterable[AuditRecord]) -> None:
     """
     config = structlog.get_config()  # per call, not per module: honours a later reconfiguration
     rendered = _Lines()
-    log = structlog.wrap_logger(rendered, processors=config["processors"], wrapper_class=config["wrapper_class"])
+    # bind(): a real bound logger, not the lazy proxy, which would build a new one for every record.
+    log = structlog.wrap_logger(rendered, processors=config["processors"], wrapper_class=config["wrapper_class"]).bind()
     for record in records:
         fields = {name: getattr(record, name) for name in _AUDIT_FIELDS}  # asdict() deep-copies: 4x slower
         fields["audit_event"] = fields.pop("event")
