@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, cast
 
@@ -76,7 +76,17 @@ _BROKER_HEADERS = frozenset(
 )
 
 
-_Outgoing = tuple[str, aio_pika.Message, str]  # queue, message, destination
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """An AMQP message as aiormq's publish takes it. Not an ``aio_pika.Message``: building one and
+    then its properties costs ~14 us a message (every attribute passes a locking ``__setattr__``)
+    against under 1 us for the properties alone, and we publish through aiormq (see ``_publish_each``)."""
+
+    body: bytes
+    properties: aiormq.spec.Basic.Properties
+
+
+_Outgoing = tuple[str, Encoded, str]  # queue, message, destination
 
 
 def _refusal(results: Sequence[BaseException | None]) -> BrokerUnavailable | None:
@@ -88,7 +98,7 @@ def _refusal(results: Sequence[BaseException | None]) -> BrokerUnavailable | Non
     return refused
 
 
-def encode(delivery: Delivery, *, now: float, extra: dict[str, Any] | None = None) -> aio_pika.Message:
+def encode(delivery: Delivery, *, now: float, extra: dict[str, Any] | None = None) -> Encoded:
     """A persistent AMQP message carrying ``delivery``; ``extra`` adds our own (``nsw-*``) headers."""
     clash = [k for k in delivery.headers if k.startswith("nsw-") or k in _BROKER_HEADERS]
     if clash:
@@ -103,13 +113,13 @@ def encode(delivery: Delivery, *, now: float, extra: dict[str, Any] | None = Non
         H_FIRST_ENQUEUED_AT: repr(delivery.first_enqueued_at or now),
         **(extra or {}),
     }
-    return aio_pika.Message(
-        body=delivery.payload,
+    properties = aiormq.spec.Basic.Properties(
         message_id=delivery.message_id,
         headers=headers,
-        delivery_mode=DeliveryMode.PERSISTENT,
+        delivery_mode=DeliveryMode.PERSISTENT.value,
         content_type="application/xml",
     )
+    return Encoded(delivery.payload, properties)
 
 
 def _text(value: Any) -> str:

@@ -6,7 +6,7 @@ import pytest
 from broker_kit import make_delivery
 
 from gateway.brokers import names
-from gateway.brokers.rabbitmq import decode, encode
+from gateway.brokers.rabbitmq import Encoded, decode, encode
 
 
 def test_queue_names_per_destination() -> None:
@@ -105,18 +105,19 @@ def test_queue_plan_is_deterministic_and_declares_targets_first() -> None:
 
 
 class _Received:
-    """The fields of an incoming AMQP message that ``decode`` reads."""
+    """The fields of an incoming AMQP message that ``decode`` reads, as the broker hands back ``message``."""
 
-    def __init__(self, message: object) -> None:
-        self.message_id = message.message_id  # type: ignore[attr-defined]
-        self.body = message.body  # type: ignore[attr-defined]
-        self.headers = {**message.headers, "x-delivery-count": 2}  # type: ignore[attr-defined]
+    def __init__(self, message: Encoded) -> None:
+        self.message_id = message.properties.message_id
+        self.body = message.body
+        self.headers = {**(message.properties.headers or {}), "x-delivery-count": 2}
 
 
 def test_codec_round_trip_keeps_every_field_exactly() -> None:
     delivery = make_delivery("asw:TH", attempt=3, first_enqueued_at=1_790_000_000.123456, headers={"k": "v"})
     message = encode(delivery, now=0.0)
-    assert message.delivery_mode == 2  # persistent
+    assert message.properties.delivery_mode == 2  # persistent
+    assert message.properties.content_type == "application/xml"
     assert decode(_Received(message), "ignored") == delivery  # type: ignore[arg-type]
 
 
