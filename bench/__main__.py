@@ -20,12 +20,14 @@ from typing import Any
 
 from bench import floors
 from bench import messages as msgs
+from bench.delivery_floor import naive_delivery
 from bench.gateway_runs import AMQP_URL, Plan, Pools, large, measure, measure_split
 from bench.procs import Child, child_env, free_port, loadgen
 from bench.report import table
 from gateway.security.pki import init_dev_pki
 
 RESULTS = Path(__file__).resolve().parent / "results"
+DELIVERIES_PER_S = 3000  # the delivery floor's queue holds this many per second of a phase (it drains ~3,000/s)
 
 
 def rabbit_up() -> bool:
@@ -96,6 +98,11 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             if plan.processes > 1:
                 floor["naive_pipeline_n"] = await http_floor(
                     "naive", pki_dir, work, naive_bodies, plan.duration, copies=plan.processes
+                )
+            if size == min(plan.sizes):  # the delivery floor, for `nswgw worker` and for `run`
+                count = int(plan.duration * DELIVERIES_PER_S)
+                floor["naive_delivery_n"] = await naive_delivery(
+                    AMQP_URL, work, sample[0], count, copies=plan.processes
                 )
         out["floors"][str(size)] = floor
         for backend in backends:

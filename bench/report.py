@@ -17,10 +17,10 @@ def _mb(kb: int | None) -> str:
     return "-" if kb is None else f"{kb / 1024:.0f}"
 
 
-def _cpu_line(cpu: dict[str, Any], processes: int, what: str = "message at saturation") -> str:
-    """Where the machine's CPU went, in ms per accepted (or delivered) message."""
+def _cpu_line(cpu: dict[str, Any], processes: int, what: str = "message at saturation", who: str = "gateway") -> str:
+    """Where the machine's CPU went, in ms per accepted (or delivered) message; ``who``: the measured processes."""
     per = cpu["ms_per_message"]
-    parts = [f"gateway {_f(per['gateway'], 2)} ({processes} processes)"]
+    parts = [f"{who} {_f(per['gateway'], 2)} ({processes} processes)"]
     parts += [f"{name} {_f(per[name], 2)}" for name in ("broker", "load generator", "agency") if per.get(name)]
     parts.append(f"whole machine {_f(per['machine'], 2)}")
     busy = f"{_f(cpu['busy_cores'], 2)} of {cpu['cpus']} cores busy"
@@ -36,8 +36,17 @@ def _stage_line(phase: dict[str, Any]) -> str | None:
     return f"       stages, mean ms (99% under): {', '.join(parts)}"
 
 
-def _split_lines(split: dict[str, Any], naive_n: float | None, processes: int, row: str) -> list[str]:
-    """Ingress alone (`serve`, nothing consuming) against the naive pipeline, then delivery alone (`worker`)."""
+def _combined(ingress: float | None, delivery: float | None) -> float | None:
+    """Messages/s of a process set that both accepts and delivers each message, from the rates of each alone
+    on the same cores: every message costs the time of one of each (1 / (1/a + 1/b))."""
+    return 1 / (1 / ingress + 1 / delivery) if ingress and delivery else None
+
+
+def _split_lines(
+    split: dict[str, Any], naive_n: float | None, naive_delivery: float | None, processes: int, row: str
+) -> list[str]:
+    """Ingress alone (`serve`, nothing consuming) against the naive pipeline, then delivery alone (`worker`)
+    against the ingress (does it keep up?) and against the naive delivery floor."""
     ingress, delivery = split["ingress"], split["delivery"]
     accepted = ingress["accepted_per_s"]
     naive = (f"naive x{processes}", naive_n) if naive_n else ("", None)
@@ -54,10 +63,45 @@ def _split_lines(split: dict[str, Any], naive_n: float | None, processes: int, r
         )
     )
     lines.append(_cpu_line(delivery["cpu"], processes, "delivery"))
+    if naive_delivery:
+        label = f"naive delivery x{processes}"
+        ratio = _ratio(done, naive_delivery)
+        lines.append(row.format("  delivery alone vs naive delivery", _f(done), _f(naive_delivery), ratio, label))
     if ingress.get("delivered_meanwhile"):
         lines.append(f"     ! {ingress['delivered_meanwhile']} deliveries reached the agency while only `serve` ran")
     if not delivery["all_delivered"]:
         lines.append(f"     ! only {delivery['delivered']} of the accepted messages were delivered")
+    return lines
+
+
+def _floor_lines(floor: dict[str, Any], processes: int, row: str) -> list[str]:
+    """The floors of one message size, each measured alone in this run."""
+    lines: list[str] = []
+    lines.append(
+        row.format("  aiohttp no-op POST -> 202 (req/s)", _f(floor["noop_http"]["accepted_per_s"]), "", "", "")
+    )
+    lines.append(row.format("  parse (msg/s)", _f(floor["parse_per_s"]), "", "", ""))
+    stock = _f(floor["signxml_verify_per_s"])
+    lines.append(row.format("  signature verify, stock signxml (msg/s)", stock, "", "", ""))
+    lines.append(row.format("  signature verify, our Verifier (msg/s)", _f(floor["verify_per_s"]), "", "", ""))
+    lines.append(row.format("  validate, our Validator (msg/s)", _f(floor["validate_per_s"]), "", "", ""))
+    if "publish_pipelined_per_s" in floor:
+        lines.append(
+            row.format("  confirmed publish one by one (msg/s)", _f(floor["publish_one_by_one_per_s"]), "", "", "")
+        )
+        lines.append(
+            row.format("  confirmed publish pipelined (msg/s)", _f(floor["publish_pipelined_per_s"]), "", "", "")
+        )
+        naive = floor["naive_pipeline"]
+        lines.append(row.format("  naive pipeline, 1 process (req/s)", _f(naive["accepted_per_s"]), "", "", ""))
+        if "naive_pipeline_n" in floor:
+            label = f"  naive pipeline, {processes} processes (req/s)"
+            lines.append(row.format(label, _f(floor["naive_pipeline_n"]["accepted_per_s"]), "", "", ""))
+    if "naive_delivery_n" in floor:
+        drained = floor["naive_delivery_n"]
+        label = f"  naive delivery, {processes} processes (deliveries/s)"
+        lines.append(row.format(label, _f(drained["delivered_per_s"]), "", "", ""))
+        lines.append(_cpu_line(drained["cpu"], processes, "delivery", who="floor"))
     return lines
 
 
@@ -73,26 +117,7 @@ def table(result: dict[str, Any]) -> str:
     for size, floor in result["floors"].items():
         kb = f"{int(size) // 1000} KB"
         lines.append(f"-- floors, {kb}")
-        lines.append(
-            row.format("  aiohttp no-op POST -> 202 (req/s)", _f(floor["noop_http"]["accepted_per_s"]), "", "", "")
-        )
-        lines.append(row.format("  parse (msg/s)", _f(floor["parse_per_s"]), "", "", ""))
-        stock = _f(floor["signxml_verify_per_s"])
-        lines.append(row.format("  signature verify, stock signxml (msg/s)", stock, "", "", ""))
-        lines.append(row.format("  signature verify, our Verifier (msg/s)", _f(floor["verify_per_s"]), "", "", ""))
-        lines.append(row.format("  validate, our Validator (msg/s)", _f(floor["validate_per_s"]), "", "", ""))
-        if "publish_pipelined_per_s" in floor:
-            lines.append(
-                row.format("  confirmed publish one by one (msg/s)", _f(floor["publish_one_by_one_per_s"]), "", "", "")
-            )
-            lines.append(
-                row.format("  confirmed publish pipelined (msg/s)", _f(floor["publish_pipelined_per_s"]), "", "", "")
-            )
-            naive = floor["naive_pipeline"]
-            lines.append(row.format("  naive pipeline, 1 process (req/s)", _f(naive["accepted_per_s"]), "", "", ""))
-            if "naive_pipeline_n" in floor:
-                label = f"  naive pipeline, {result['plan']['processes']} processes (req/s)"
-                lines.append(row.format(label, _f(floor["naive_pipeline_n"]["accepted_per_s"]), "", "", ""))
+        lines += _floor_lines(floor, processes, row)
         for key, run in result["gateway"].items():
             backend, run_size = key.split("/")
             if run_size != size:
@@ -102,8 +127,13 @@ def table(result: dict[str, Any]) -> str:
             bound, bound_name = (naive_rate, "naive pipeline") if naive_rate else (floor["verify_per_s"], "verify")
             lines.append(f"-- gateway, {backend}, {kb}")
             naive_n = floor.get("naive_pipeline_n", {}).get("accepted_per_s")
+            naive_delivery = floor.get("naive_delivery_n", {}).get("delivered_per_s")
+            both = _combined(naive_n, naive_delivery)
             n = result["plan"]["processes"]
             same = [("accepted/s vs naive, same processes", sat["accepted_per_s"], naive_n, f"naive x{n}")]
+            if both:  # `run` also delivers what it accepts, on the same cores: the like-for-like floor
+                label = f"naive x{n}, delivering too"
+                same.append(("accepted/s vs naive that also delivers", sat["accepted_per_s"], both, label))
             for label, value, against, against_name in (
                 ("accepted/s at saturation", sat["accepted_per_s"], bound, bound_name),
                 *(same if naive_n else []),
@@ -130,7 +160,7 @@ def table(result: dict[str, Any]) -> str:
                 lines.append(_cpu_line(sat["cpu"], processes))
             lines += filter(None, [_stage_line(sat)])
             if key in result.get("split", {}):
-                lines += _split_lines(result["split"][key], naive_n, processes, row)
+                lines += _split_lines(result["split"][key], naive_n, naive_delivery, processes, row)
             statuses = {**sat["statuses"]}
             statuses.pop("202", None)
             if statuses or not sat["all_delivered"] or not fixed["all_delivered"]:
