@@ -267,7 +267,7 @@ class Pipeline:
         accepted += [_event(State.QUEUED, verified, destination=dest) for dest in destinations]
         await self.ledger.accept(mid, receipt, destinations, accepted)
         marks.append(time.perf_counter())
-        log.info("ingress.accepted", document_type=doc_type, destinations=destinations)
+        log.debug("ingress.accepted", document_type=doc_type, destinations=destinations)
         return IngressResult(202, receipt, mid)
 
     async def reject(self, error: Rejected, seen: _Seen) -> IngressResult:

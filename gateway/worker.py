@@ -140,7 +140,7 @@ class Worker:
             await attempt.settle(State.RETRY_WAIT, "ADAPTER_ERROR", f"{exc}; next attempt in {delay:.1f}s")
             return Retry(delay=delay, reason=f"ADAPTER_ERROR: {exc}")
         await attempt.settle(State.DELIVERED, detail=receipt.detail)
-        log.info("worker.delivered", attempt=delivery.attempt, status=receipt.status)
+        log.debug("worker.delivered", attempt=delivery.attempt, status=receipt.status)
         return Ack()
 
     async def _circuit_open(self, lane: _Lane, attempt: _Attempt, exc: CircuitOpen) -> Outcome:
