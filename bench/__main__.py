@@ -109,6 +109,12 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             out["gateway"][f"{backend}/{size}"] = await measure(pki_dir, work, backend, pools, plan)
             if size == min(plan.sizes):
                 out["split"][f"{backend}/{size}"] = await measure_split(pki_dir, work, backend, pools, plan)
+        if with_rabbit and plan.processes > 1:
+            # Again after the gateway's phases, so that the ratio's floor brackets them: this VM's speed
+            # drifts by a third between minutes, and a floor measured once may be from a faster one.
+            floor["naive_pipeline_n_after"] = await http_floor(
+                "naive", pki_dir, work, naive_bodies, plan.duration, copies=plan.processes
+            )
     if not args.skip_large:
         for backend in backends[:1] if args.quick else backends:  # quick: the first backend only
             for kind in ("lines", "attachment"):

@@ -74,6 +74,13 @@ def _split_lines(
     return lines
 
 
+def naive_bracketed(floor: dict[str, Any]) -> float | None:
+    """The naive pipeline in N processes during the gateway's runs: the mean of its measurements before and
+    after them (just the one before when there is no second)."""
+    rates = [floor[k]["accepted_per_s"] for k in ("naive_pipeline_n", "naive_pipeline_n_after") if k in floor]
+    return sum(rates) / len(rates) if rates else None
+
+
 def _floor_lines(floor: dict[str, Any], processes: int, row: str) -> list[str]:
     """The floors of one message size, each measured alone in this run."""
     lines: list[str] = []
@@ -96,7 +103,13 @@ def _floor_lines(floor: dict[str, Any], processes: int, row: str) -> list[str]:
         lines.append(row.format("  naive pipeline, 1 process (req/s)", _f(naive["accepted_per_s"]), "", "", ""))
         if "naive_pipeline_n" in floor:
             label = f"  naive pipeline, {processes} processes (req/s)"
-            lines.append(row.format(label, _f(floor["naive_pipeline_n"]["accepted_per_s"]), "", "", ""))
+            before = floor["naive_pipeline_n"]["accepted_per_s"]
+            lines.append(row.format(label, _f(before), "", "", ""))
+            if "naive_pipeline_n_after" in floor:
+                after = floor["naive_pipeline_n_after"]["accepted_per_s"]
+                label = "    the same after the gateway's runs (req/s)"
+                ratio = _ratio(after, before)
+                lines.append(row.format(label, _f(after), _f(before), ratio, "before; x N ratios: mean"))
     if "naive_delivery_n" in floor:
         drained = floor["naive_delivery_n"]
         label = f"  naive delivery, {processes} processes (deliveries/s)"
@@ -126,7 +139,7 @@ def table(result: dict[str, Any]) -> str:
             naive_rate = floor.get("naive_pipeline", {}).get("accepted_per_s")
             bound, bound_name = (naive_rate, "naive pipeline") if naive_rate else (floor["verify_per_s"], "verify")
             lines.append(f"-- gateway, {backend}, {kb}")
-            naive_n = floor.get("naive_pipeline_n", {}).get("accepted_per_s")
+            naive_n = naive_bracketed(floor)
             naive_delivery = floor.get("naive_delivery_n", {}).get("delivered_per_s")
             both = _combined(naive_n, naive_delivery)
             n = result["plan"]["processes"]

@@ -1,6 +1,6 @@
-"""The delivery floor (`bench.servers deliver`): real consumer processes drain a real RabbitMQ quorum queue
-into the loopback agency, each message exactly once, the queue deleted afterwards; and the report's
-like-for-like floor for `run`."""
+"""The bench's floors: the delivery floor (`bench.servers deliver`), whose real consumer processes drain a
+real RabbitMQ quorum queue into the loopback agency, each message exactly once, the queue deleted
+afterwards; and how the report combines floors (the like-for-like floor for `run`, the bracketing naive)."""
 
 from __future__ import annotations
 
@@ -51,3 +51,11 @@ def test_the_floor_that_also_delivers_costs_one_ingress_and_one_delivery_per_mes
     assert report._combined(1_000.0, 3_000.0) == pytest.approx(750.0)
     assert report._combined(1_000.0, None) is None
     assert report._combined(None, 3_000.0) is None
+
+
+def test_the_naive_floor_brackets_the_gateway_runs_with_its_two_measurements() -> None:
+    floor = {"naive_pipeline_n": {"accepted_per_s": 1_200.0}, "naive_pipeline_n_after": {"accepted_per_s": 1_000.0}}
+    assert report.naive_bracketed(floor) == pytest.approx(1_100.0)
+    del floor["naive_pipeline_n_after"]
+    assert report.naive_bracketed(floor) == pytest.approx(1_200.0)
+    assert report.naive_bracketed({}) is None
