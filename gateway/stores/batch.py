@@ -137,8 +137,9 @@ def touched(ops: Iterable[Op]) -> tuple[list[str], list[str]]:
         if isinstance(op, AcceptOp):
             destinations.add(op.message_id)
         for e in op.events:
-            messages.add(e.message_id)
-            if e.destination is not None:
+            if e.destination is None:  # a destination's event moves only its destination row
+                messages.add(e.message_id)
+            else:
                 destinations.add(e.message_id)
     return sorted(messages), sorted(destinations)
 
