@@ -9,7 +9,6 @@ the first delivery, as for `nswgw worker` (``Deployment.drain``), so start-up is
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from pathlib import Path
 from typing import Any
@@ -17,29 +16,11 @@ from typing import Any
 import aio_pika
 
 from bench.agency import CountingAgency
-from bench.floors import declare_quorum
+from bench.floors import declare_quorum, publish_confirmed
+from bench.gateway_runs import first_delivery
 from bench.procs import Child, CpuMeter, broker_pid, child_env
 
 WINDOW = 256  # publishes in flight while filling the queue
-
-
-async def fill(amqp_url: str, queue: str, body: bytes, keys: list[str]) -> None:
-    """One persistent message per key (its messageId), every confirm awaited."""
-    connection = await aio_pika.connect(amqp_url)
-    try:
-        exchange = (await connection.channel(publisher_confirms=True)).default_exchange
-        for first in range(0, len(keys), WINDOW):
-            await asyncio.gather(
-                *(
-                    exchange.publish(
-                        aio_pika.Message(body, message_id=key, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
-                        routing_key=queue,
-                    )
-                    for key in keys[first : first + WINDOW]
-                )
-            )
-    finally:
-        await connection.close()
 
 
 async def naive_delivery(
@@ -52,15 +33,15 @@ async def naive_delivery(
     consumers: list[Child] = []
     await declare_quorum(amqp_url, queue)
     try:
-        await fill(amqp_url, queue, body, keys)
+        connection = await aio_pika.connect(amqp_url)
+        try:
+            exchange = (await connection.channel(publisher_confirms=True)).default_exchange
+            await publish_confirmed(exchange, queue, body, keys, WINDOW)
+        finally:
+            await connection.close()
         args = ["-m", "bench.servers", "deliver", "--amqp-url", amqp_url, "--queue", queue, "--agency", agency.url]
         consumers = [Child(f"floor-deliver-{n}", args, child_env(), work) for n in range(copies)]
-        async with asyncio.timeout(within):
-            while not agency.first_seen:
-                for consumer in consumers:
-                    if consumer.popen.poll() is not None:
-                        raise RuntimeError(f"{consumer.name} exited with {consumer.popen.returncode} (see its log)")
-                await asyncio.sleep(0.005)
+        await first_delivery(agency, consumers, within)
         meter = CpuMeter([c.pid for c in consumers], broker_pid())
         meter.start()
         before = len(agency.first_seen)

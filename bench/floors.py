@@ -81,6 +81,22 @@ def verify_and_validate(pki_dir: Path, messages: Sequence[bytes]) -> dict[str, f
     }
 
 
+async def publish_confirmed(
+    exchange: aio_pika.abc.AbstractExchange, queue: str, body: bytes, message_ids: Sequence[str | None], window: int
+) -> None:
+    """One persistent message per id (``None``: no messageId), at most ``window`` confirms awaited together."""
+    for first in range(0, len(message_ids), window):
+        await asyncio.gather(
+            *(
+                exchange.publish(
+                    aio_pika.Message(body, message_id=mid, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                    routing_key=queue,
+                )
+                for mid in message_ids[first : first + window]
+            )
+        )
+
+
 async def _publish(amqp_url: str, body: bytes, count: int, window: int) -> float:
     queue = f"nswbench-{uuid.uuid4().hex[:8]}"
     await declare_quorum(amqp_url, queue)
@@ -89,16 +105,7 @@ async def _publish(amqp_url: str, body: bytes, count: int, window: int) -> float
         try:
             exchange = (await connection.channel(publisher_confirms=True)).default_exchange
             started = time.perf_counter()
-            for first in range(0, count, window):
-                batch = range(first, min(count, first + window))
-                await asyncio.gather(
-                    *(
-                        exchange.publish(
-                            aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT), routing_key=queue
-                        )
-                        for _ in batch
-                    )
-                )
+            await publish_confirmed(exchange, queue, body, [None] * count, window)
             return count / (time.perf_counter() - started)
         finally:
             await connection.close()

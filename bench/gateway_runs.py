@@ -11,6 +11,7 @@ import itertools
 import os
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,11 +186,7 @@ class Deployment:
 
         Clock and CPU meter start at the first delivery, so the workers' start-up is not counted."""
         self.workers = Child("worker", self._args("worker"), self.env, self.dir)
-        async with asyncio.timeout(within):
-            while not self.agency.first_seen:
-                if self.workers.popen.poll() is not None:
-                    raise RuntimeError(f"the workers exited with {self.workers.popen.returncode} (see worker.log)")
-                await asyncio.sleep(0.005)
+        await first_delivery(self.agency, [self.workers], within)
         meter = CpuMeter(
             [self.workers.pid, *self.workers.children()], broker_pid() if self.backend == "rabbitmq" else None
         )
@@ -208,6 +205,16 @@ class Deployment:
             "cpu": meter.stop(counted),
             "peak_rss_kb": _peak_rss(self.workers),
         }
+
+
+async def first_delivery(agency: CountingAgency, consumers: Sequence[Child], within: float) -> None:
+    """Until the agency has seen a delivery; fails at once if a consumer process exits meanwhile."""
+    async with asyncio.timeout(within):
+        while not agency.first_seen:
+            for consumer in consumers:
+                if consumer.popen.poll() is not None:
+                    raise RuntimeError(f"{consumer.name} exited with {consumer.popen.returncode} (see its log)")
+            await asyncio.sleep(0.005)
 
 
 async def delete_queues(pki_dir: Path, prefix: str, tiers: tuple[float, ...]) -> None:

@@ -60,7 +60,7 @@ def naive_app(pki_dir: Path, amqp_url: str, queue: str) -> web.Application:
     return app
 
 
-async def naive_delivery(amqp_url: str, queue: str, agency: str, prefetch: int) -> None:
+async def deliver_until_killed(amqp_url: str, queue: str, agency: str, prefetch: int) -> None:
     """Until killed: each message of ``queue`` POSTed to ``agency``, then acked (requeued on a non-2xx)."""
     in_flight: set[asyncio.Task[None]] = set()
     connector = aiohttp.TCPConnector(limit=prefetch)
@@ -97,7 +97,7 @@ def main() -> None:
     parser.add_argument("--reuse-port", action="store_true", help="SO_REUSEPORT: several copies share the port")
     args = parser.parse_args()
     if args.kind == "deliver":
-        asyncio.run(naive_delivery(args.amqp_url, args.queue, args.agency, args.prefetch))
+        asyncio.run(deliver_until_killed(args.amqp_url, args.queue, args.agency, args.prefetch))
         return
     if args.port is None:
         parser.error(f"{args.kind} needs --port")
