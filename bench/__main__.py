@@ -127,7 +127,7 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="short phases (the whole run in about a minute)")
+    parser.add_argument("--quick", action="store_true", help="1.5 s phases (the whole run in a few minutes)")
     parser.add_argument("--skip-rabbitmq", action="store_true", help="embedded backend only")
     parser.add_argument("--skip-large", action="store_true", help="leave out the 20 MB message")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs) instead of deleting it")
