@@ -16,6 +16,8 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -44,43 +46,61 @@ def thread_switches() -> dict[str, tuple[int, int]]:
     return out
 
 
+def submitter(gateway: Gateway) -> Callable[[bytes], Awaitable[None]]:
+    """``Pipeline.submit`` with at most ``CONCURRENCY`` in flight; anything but a 202 is an error."""
+    gate = asyncio.Semaphore(CONCURRENCY)
+
+    async def submit(body: bytes) -> None:
+        async with gate:
+            result = await gateway.pipeline.submit(body)
+        if result.status != 202:
+            raise RuntimeError(f"not accepted: {result.status} {result.code}")
+
+    return submit
+
+
+class Meter:
+    """This process's CPU and each thread's context switches from ``start`` to ``stop``, per item."""
+
+    def start(self) -> None:
+        self._switches, self._usage = thread_switches(), resource.getrusage(resource.RUSAGE_SELF)
+        self._started = time.perf_counter()
+
+    def stop(self, items: int) -> dict[str, Any]:
+        elapsed = time.perf_counter() - self._started
+        usage, switched = resource.getrusage(resource.RUSAGE_SELF), thread_switches()
+        before = self._switches
+        return {
+            "per_s": items / elapsed,
+            "user_ms": 1000 * (usage.ru_utime - self._usage.ru_utime) / items,
+            "sys_ms": 1000 * (usage.ru_stime - self._usage.ru_stime) / items,
+            "switches": {
+                name: ((v - before.get(name, (0, 0))[0]) / items, (i - before.get(name, (0, 0))[1]) / items)
+                for name, (v, i) in switched.items()
+            },
+        }
+
+
 async def measure(settings: Settings, bodies: list[bytes]) -> dict[str, Any]:
     gateway = await Gateway.open(settings)
     try:
-        gate = asyncio.Semaphore(CONCURRENCY)
-
-        async def submit(body: bytes) -> None:
-            async with gate:
-                result = await gateway.pipeline.submit(body)
-            if result.status != 202:
-                raise RuntimeError(f"not accepted: {result.status} {result.code}")
-
+        submit = submitter(gateway)
         warm, timed = bodies[:50], bodies[50:]
         await asyncio.gather(*map(submit, warm))
-        switches, before = thread_switches(), resource.getrusage(resource.RUSAGE_SELF)
-        started = time.perf_counter()
+        meter = Meter()
+        meter.start()
         await asyncio.gather(*map(submit, timed))
-        elapsed = time.perf_counter() - started
-        after, switched = resource.getrusage(resource.RUSAGE_SELF), thread_switches()
-        n = len(timed)
-        return {
-            "accepted_per_s": n / elapsed,
-            "user_ms": 1000 * (after.ru_utime - before.ru_utime) / n,
-            "sys_ms": 1000 * (after.ru_stime - before.ru_stime) / n,
-            "switches_per_message": {
-                tid: ((v - switches.get(tid, (0, 0))[0]) / n, (i - switches.get(tid, (0, 0))[1]) / n)
-                for tid, (v, i) in switched.items()
-            },
-        }
+        return meter.stop(len(timed))
     finally:
         await gateway.close()
 
 
-async def run(backend: str, count: int, work: Path) -> dict[str, Any]:
+def in_process_settings(backend: str, work: Path, agency_url: str = "http://127.0.0.1:9/unused") -> Settings:
+    """A dev PKI, and one destination (an http adapter to ``agency_url``) for every bench message."""
     init_dev_pki(work / "certs")
     routing = {
         "version": 1,
-        "destinations": {DESTINATION: {"adapter": "http", "url": "http://127.0.0.1:9/unused"}},
+        "destinations": {DESTINATION: {"adapter": "http", "url": agency_url, "timeout": 60, "max_in_flight": 64}},
         "rules": [{"name": "bench", "when": {"documentType": [msgs.DOCUMENT_TYPE]}, "to": [DESTINATION]}],
     }
     (work / "routing.yaml").write_text(yaml.safe_dump(routing))
@@ -90,36 +110,57 @@ async def run(backend: str, count: int, work: Path) -> dict[str, Any]:
         routing_file=work / "routing.yaml",
         rate_per_party=1e9,
         rate_burst=1e9,
+        prefetch=CONCURRENCY,
     )
     if backend == "rabbitmq":
         settings = replace(
             settings, amqp_url=AMQP_URL, queue_prefix=f"nswbench-{uuid.uuid4().hex[:8]}", retry_tiers=(1.0,)
         )
-    bodies = msgs.signed_messages(work / "certs", 5_000, count + 50)
+    return settings
+
+
+@asynccontextmanager
+async def logging_to_file(settings: Settings, work: Path) -> AsyncIterator[None]:
+    """Logs as `nswgw run` writes them by default (JSON, info) into a file; afterwards the logging
+    configuration is restored and the RabbitMQ queues are deleted."""
     logging_before = structlog.get_config()
     with (work / "gateway.log").open("a") as log:
-        configure_logging("json", "info", stream=log)  # as `nswgw run` logs by default, to a file
+        configure_logging("json", "info", stream=log)
         try:
-            return await measure(settings, bodies)
+            yield
         finally:
             structlog.configure(**logging_before)  # the file closes here: no logger may keep it
-            if backend == "rabbitmq":
+            if settings.amqp_url:
                 await delete_queues(settings.certs_dir, settings.queue_prefix, settings.retry_tiers)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.ingress_cpu", description=__doc__)
+async def run(backend: str, count: int, work: Path) -> dict[str, Any]:
+    settings = in_process_settings(backend, work)
+    bodies = msgs.signed_messages(work / "certs", 5_000, count + 50)
+    async with logging_to_file(settings, work):
+        return await measure(settings, bodies)
+
+
+def command(
+    prog: str, doc: str | None, run: Callable[[str, int, Path], Coroutine[Any, Any, dict[str, Any]]], done: str
+) -> None:
+    """The command line of an in-process meter: ``--backend``, ``--messages``; prints CPU and switches per ``done``."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc)
     parser.add_argument("--backend", choices=["rabbitmq", "embedded"], default="rabbitmq")
     parser.add_argument("--messages", type=int, default=3000)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="nsw-ingress-cpu-") as folder:
+    with tempfile.TemporaryDirectory(prefix="nsw-cpu-") as folder:
         result = asyncio.run(run(args.backend, args.messages, Path(folder)))
     print(
-        f"{args.backend}: {result['accepted_per_s']:,.0f} accepted/s in process; CPU per message "
+        f"{args.backend}: {result['per_s']:,.0f} {done}/s in process; CPU per message "
         f"user {result['user_ms']:.2f} ms + sys {result['sys_ms']:.2f} ms"
     )
-    for name, (voluntary, involuntary) in sorted(result["switches_per_message"].items()):
+    for name, (voluntary, involuntary) in sorted(result["switches"].items()):
         print(f"  {name}: {voluntary:.2f} voluntary, {involuntary:.2f} involuntary context switches per message")
+
+
+def main() -> None:
+    command("python -m bench.ingress_cpu", __doc__, run, "accepted")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The bench's split measurement with real `nswgw serve` and `nswgw worker` processes (embedded backend):
 while only the ingress runs nothing is delivered, and the workers started afterwards deliver every
-accepted message exactly as the agency counts it. Also the stage readout and the in-process ingress meter."""
+accepted message exactly as the agency counts it. Also the stage readout and the in-process ingress and
+worker meters."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from bench import ingress_cpu
+from bench import ingress_cpu, worker_cpu
 from bench.gateway_runs import Plan, Pools, measure_split, stage_summary
 from gateway.pipeline import INGRESS_STAGES
 
@@ -53,6 +54,15 @@ async def test_ingress_cpu_measures_the_in_process_ingress(tmp_path: Path) -> No
     logging_before = structlog.get_config()
     result = await ingress_cpu.run("embedded", 20, tmp_path)
     assert structlog.get_config() == logging_before  # its log file is closed: nothing may still write there
-    assert result["accepted_per_s"] > 0
+    assert result["per_s"] > 0
     assert result["user_ms"] > 0
-    assert {"MainThread", "nsw-ledger-writer_0"} <= set(result["switches_per_message"])
+    assert {"MainThread", "nsw-ledger-writer_0"} <= set(result["switches"])
+
+
+async def test_worker_cpu_measures_the_in_process_worker_delivering_everything(tmp_path: Path) -> None:
+    logging_before = structlog.get_config()
+    result = await worker_cpu.run("embedded", 20, tmp_path)
+    assert structlog.get_config() == logging_before
+    assert result["per_s"] > 0  # it returns only once every accepted message was delivered
+    assert result["user_ms"] > 0
+    assert {"MainThread", "nsw-ledger-writer_0"} <= set(result["switches"])
