@@ -120,9 +120,9 @@ def in_process_settings(backend: str, work: Path, agency_url: str = "http://127.
 
 
 @asynccontextmanager
-async def logging_to_file(settings: Settings, work: Path) -> AsyncIterator[None]:
-    """Logs as `nswgw run` writes them by default (JSON, info) into a file; afterwards the logging
-    configuration is restored and the RabbitMQ queues are deleted."""
+async def in_process_run(settings: Settings, work: Path) -> AsyncIterator[None]:
+    """The surroundings of one in-process measurement: logs as `nswgw run` writes them by default (JSON,
+    info) into a file; afterwards the logging configuration is restored and the RabbitMQ queues deleted."""
     logging_before = structlog.get_config()
     with (work / "gateway.log").open("a") as log:
         configure_logging("json", "info", stream=log)
@@ -137,14 +137,15 @@ async def logging_to_file(settings: Settings, work: Path) -> AsyncIterator[None]
 async def run(backend: str, count: int, work: Path) -> dict[str, Any]:
     settings = in_process_settings(backend, work)
     bodies = msgs.signed_messages(work / "certs", 5_000, count + 50)
-    async with logging_to_file(settings, work):
+    async with in_process_run(settings, work):
         return await measure(settings, bodies)
 
 
 def command(
     prog: str, doc: str | None, run: Callable[[str, int, Path], Coroutine[Any, Any, dict[str, Any]]], done: str
 ) -> None:
-    """The command line of an in-process meter: ``--backend``, ``--messages``; prints CPU and switches per ``done``."""
+    """The command line of an in-process meter (``--backend``, ``--messages``): prints the rate, named by
+    ``done`` ("accepted", "delivered"), the CPU per message and each thread's context switches."""
     parser = argparse.ArgumentParser(prog=prog, description=doc)
     parser.add_argument("--backend", choices=["rabbitmq", "embedded"], default="rabbitmq")
     parser.add_argument("--messages", type=int, default=3000)

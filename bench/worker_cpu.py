@@ -18,7 +18,7 @@ from typing import Any
 
 from bench import messages as msgs
 from bench.gateway_runs import DESTINATION
-from bench.ingress_cpu import Meter, command, in_process_settings, logging_to_file, submitter
+from bench.ingress_cpu import Meter, command, in_process_run, in_process_settings, submitter
 from bench.procs import Child, child_env, free_port
 from gateway.config import Settings
 from gateway.runtime import Gateway
@@ -59,7 +59,7 @@ async def run(backend: str, count: int, work: Path) -> dict[str, Any]:
         await asyncio.to_thread(agency.wait_port, port)
         settings = in_process_settings(backend, work, f"http://127.0.0.1:{port}/v1/messages")
         bodies = msgs.signed_messages(work / "certs", 5_000, count + WARM)
-        async with logging_to_file(settings, work):
+        async with in_process_run(settings, work):
             return await measure(settings, bodies)
     finally:
         agency.kill()
