@@ -28,7 +28,14 @@ DELIVERED = "nsw_messages_delivered_total"
 
 
 def delivered(gateway: Gateway) -> int:
-    return int(gateway.metrics.registry.get_sample_value(DELIVERED, {"destination": DESTINATION}) or 0)
+    """The gateway's delivered counter for the bench destination. Read from that one metric: polled
+    every 5 ms inside the measured process, the registry-wide ``get_sample_value`` (which collects every
+    metric) took ~3% of the samples of a profile, CPU the meter counted as the worker's."""
+    for metric in gateway.metrics.delivered.collect():
+        for sample in metric.samples:
+            if sample.name == DELIVERED and sample.labels.get("destination") == DESTINATION:
+                return int(sample.value)
+    return 0
 
 
 async def until_delivered(gateway: Gateway, count: int, within: float = 300.0) -> None:
