@@ -13,20 +13,20 @@ import resource
 import shutil
 import socket
 import tempfile
-import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from bench import floors
-from bench import messages as msgs
 from bench.delivery_floor import naive_delivery
 from bench.gateway_runs import AMQP_URL, Plan, Pools, large, measure, measure_split
-from bench.procs import Child, child_env, free_port, loadgen
+from bench.http_floors import http_floor
+from bench.paired import ROUNDS, paired
 from bench.report import table
 from gateway.security.pki import init_dev_pki
 
 RESULTS = Path(__file__).resolve().parent / "results"
+PAIRED_PHASE_S = 5.0  # the alternating measurement's phases (bench/paired.py), at most
 DELIVERIES_PER_S = 3000  # the delivery floor's queue holds this many per second of a phase (it drains ~3,000/s)
 
 
@@ -38,33 +38,11 @@ def rabbit_up() -> bool:
         return False
 
 
-async def http_floor(
-    kind: str, pki_dir: Path, work: Path, bodies: list[bytes], duration: float, *, copies: int = 1
-) -> dict[str, Any]:
-    """The no-op aiohttp server, or the naive pipeline in ``copies`` processes sharing the port, at saturation."""
-    port = free_port()
-    queue = f"nswbench-naive-{uuid.uuid4().hex[:8]}"
-    args = ["-m", "bench.servers", kind, "--port", str(port), "--certs", str(pki_dir), "--queue", queue]
-    if copies > 1:
-        args.append("--reuse-port")
-    if kind == "naive":
-        await floors.declare_quorum(AMQP_URL, queue)
-    servers = [Child(f"floor-{kind}-{n}", args, child_env(), work) for n in range(copies)]
-    try:
-        for server in servers:
-            await asyncio.to_thread(server.wait_port, port)
-        batch = msgs.save(bodies, work / f"{kind}.pickle")
-        result = await loadgen(
-            [f"http://127.0.0.1:{port}/v1/messages"], batch, work / f"{kind}.json", concurrency=64, duration=duration
-        )
-        result.pop("accepted_ids")
-        result["peak_rss_kb"] = [server.peak_rss_kb() for server in servers]
-        return result
-    finally:
-        for server in servers:
-            server.kill()
-        if kind == "naive":
-            await floors.declare_quorum(AMQP_URL, queue, delete=True)
+def _phases(pools: Pools, rounds: int) -> list[list[bytes]]:
+    """Every signed message of ``pools`` in ``rounds`` equal parts, for a deployment of its own."""
+    every = [*pools.saturation, *pools.fixed_rate, *(m for bodies in pools.curve.values() for m in bodies)]
+    part = len(every) // rounds
+    return [every[i * part : (i + 1) * part] for i in range(rounds)]
 
 
 async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -82,6 +60,7 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "floors": {},
         "gateway": {},
         "split": {},  # 5 KB: `serve` alone at saturation, then `worker` alone draining it
+        "paired": {},  # 5 KB, RabbitMQ: the naive x N and `run` phases in alternation (bench/paired.py)
         "large": {},
     }
     for size in plan.sizes:
@@ -115,6 +94,16 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             floor["naive_pipeline_n_after"] = await http_floor(
                 "naive", pki_dir, work, naive_bodies, plan.duration, copies=plan.processes
             )
+            if size == min(plan.sizes):
+                out["paired"][f"rabbitmq/{size}"] = await paired(
+                    pki_dir,
+                    work,
+                    naive_bodies,
+                    _phases(pools, ROUNDS),
+                    pools.warm_up,
+                    processes=plan.processes,
+                    duration=min(plan.duration, PAIRED_PHASE_S),
+                )
     if not args.skip_large:
         for backend in backends[:1] if args.quick else backends:  # quick: the first backend only
             for kind in ("lines", "attachment"):

@@ -130,3 +130,12 @@ async def declare_quorum(amqp_url: str, queue: str, *, delete: bool = False) -> 
             await channel.declare_queue(queue, durable=True, arguments=QUORUM)
     finally:
         await connection.close()
+
+
+async def purge_queue(amqp_url: str, queue: str) -> None:
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        await (await channel.get_queue(queue, ensure=True)).purge()
+    finally:
+        await connection.close()
