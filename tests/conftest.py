@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
 import socket
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -41,6 +42,30 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def free_ports_in_a_row(count: int) -> int:
+    """The first of ``count`` consecutive ports free on loopback, below the kernel's ephemeral range.
+
+    For servers that listen on ``base + i``. ``free_port`` checks one port, and one from the ephemeral
+    range: its neighbour may be some process's outgoing connection, and any of them may become one before
+    the server binds it (seen: a child of `nswgw run` died on "address already in use" and the supervisor's
+    restart pause outlasted the test)."""
+    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(100):
+        start = random.randrange(10_000, max(10_001, ephemeral_low - count))
+        if all(_bindable(port) for port in range(start, start + count)):
+            return start
+    raise RuntimeError(f"no {count} consecutive free ports found below {ephemeral_low}")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def require_service(name: str, host: str, port: int) -> None:

@@ -18,7 +18,7 @@ import pytest
 
 from gateway.metrics import MULTIPROC_ENV
 from gateway.supervisor import METRICS_SUBDIR, MetricsDir, child_argv
-from tests.conftest import free_port
+from tests.conftest import free_port, free_ports_in_a_row
 from tests.e2e.conftest import child_env, write_routing
 from tests.operator.helpers import parse_metrics, value
 from tests.support.agency import WAIT, Agency
@@ -151,7 +151,7 @@ async def test_every_scrape_of_two_processes_counts_both_and_a_restart_loses_no_
     pki_dir: Path, tmp_path: Path, signed: Callable[..., bytes]
 ) -> None:
     agency = await Agency("moit").start()
-    port, metrics_port = free_port(), free_port()  # child I also serves /metrics on metrics_port + I
+    port, metrics_port = free_port(), free_ports_in_a_row(2)  # child I also serves /metrics on metrics_port + I
     routing = write_routing(tmp_path / "routing.yaml", {"moit": agency})
     data = tmp_path / "var"
     args = ["run", "--certs", pki_dir, "--data", data, "--routing", routing, "--port", port]
