@@ -60,7 +60,7 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "floors": {},
         "gateway": {},
         "split": {},  # 5 KB: `serve` alone at saturation, then `worker` alone draining it
-        "paired": {},  # 5 KB, RabbitMQ: the naive x N and `run` phases in alternation (bench/paired.py)
+        "paired": {},  # 5 KB, RabbitMQ: naive x N and `run`, then `serve`, in alternation (bench/paired.py)
         "large": {},
     }
     for size in plan.sizes:
@@ -95,15 +95,19 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 "naive", pki_dir, work, naive_bodies, plan.duration, copies=plan.processes
             )
             if size == min(plan.sizes):
-                out["paired"][f"rabbitmq/{size}"] = await paired(
-                    pki_dir,
-                    work,
-                    naive_bodies,
-                    _phases(pools, ROUNDS),
-                    pools.warm_up,
-                    processes=plan.processes,
-                    duration=min(plan.duration, PAIRED_PHASE_S),
-                )
+                out["paired"][f"rabbitmq/{size}"] = [
+                    await paired(
+                        pki_dir,
+                        work,
+                        naive_bodies,
+                        _phases(pools, ROUNDS),
+                        pools.warm_up,
+                        processes=plan.processes,
+                        duration=min(plan.duration, PAIRED_PHASE_S),
+                        command=command,
+                    )
+                    for command in ("run", "serve")
+                ]
     if not args.skip_large:
         for backend in backends[:1] if args.quick else backends:  # quick: the first backend only
             for kind in ("lines", "attachment"):

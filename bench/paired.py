@@ -1,4 +1,4 @@
-"""``python -m bench.paired [--duration S] [--rounds K] [--processes N]``: the issue's ratio alone, in alternation.
+"""``python -m bench.paired [--duration S] [--rounds K] [--processes N] [--command serve]``: the ratio alone.
 
 The issue's ratio measured in alternation: naive x N, gateway, naive x N, gateway, ... naive x N.
 
@@ -9,7 +9,8 @@ once, each idle while the other is measured, and take turns at saturation; each 
 until everything it accepted is delivered, so no delivery runs into the next naive phase. Each gateway
 phase is divided by the mean of the naive phases just before and just after it, and the median of
 those ratios is the figure: a drift slower than one round cancels out, and one disturbed phase cannot
-move the median. ``python -m bench`` runs it on the 5 KB messages; run alone (about a minute) it is
+move the median. The same alternation with `nswgw serve` in place of `run` gives the ingress's ratio
+alone. ``python -m bench`` runs both on the 5 KB messages; run alone (about a minute) it is
 the measurement for comparing two versions of the gateway as a whole.
 """
 
@@ -26,8 +27,9 @@ from typing import Any
 
 from bench import floors
 from bench import messages as msgs
-from bench.gateway_runs import AMQP_URL, Deployment
+from bench.gateway_runs import AMQP_URL, DESTINATION, Deployment
 from bench.http_floors import floor_servers, saturate
+from gateway.brokers.names import work_queue
 
 ROUNDS = 3
 CAP_PER_S = 1500  # signed messages per second of a gateway phase: more than it accepts on this machine
@@ -49,9 +51,17 @@ async def paired(
     *,
     processes: int,
     duration: float,
+    command: str = "run",
 ) -> dict[str, Any]:
     """``len(gateway_phases)`` rounds of ``duration`` seconds; every gateway phase sends messages of its own
-    (the naive pipeline keeps no state: ``naive_bodies`` are sent again in every naive phase)."""
+    (the naive pipeline keeps no state: ``naive_bodies`` are sent again in every naive phase).
+
+    ``command``: "run" (ingress and delivery, each phase drained before the next), or "serve", the
+    ingress alone, like for like with the naive pipeline, which delivers nothing either (what it accepts
+    is purged from the agency's queue after each phase, as the naive queue is)."""
+    if command not in ("run", "serve"):
+        raise ValueError(f"command must be run or serve, not {command!r}")
+    deliver = command == "run"
     naive_runs: list[dict[str, Any]] = []
     gateway_runs: list[dict[str, Any]] = []
     async with floor_servers("naive", pki_dir, work, copies=processes) as naive:
@@ -60,12 +70,17 @@ async def paired(
             naive_runs.append(await saturate(naive.url, naive_bodies, work, duration, "paired-naive"))
             await floors.purge_queue(AMQP_URL, naive.queue)  # the broker holds no more between phases
 
-        deployment = await Deployment(pki_dir, work, "rabbitmq", processes, 64 * 1024 * 1024).start()
+        size = 64 * 1024 * 1024
+        deployment = await Deployment(pki_dir, work, "rabbitmq", processes, size, command=command).start()
         try:
-            await deployment.drive(warm_up, concurrency=4, duration=30)
+            await deployment.drive(warm_up, concurrency=4, duration=30, deliver=deliver)
             await naive_phase()
             for bodies in gateway_phases:
-                gateway_runs.append(await deployment.drive(bodies, concurrency=64, duration=duration))
+                phase = await deployment.drive(bodies, concurrency=64, duration=duration, deliver=deliver)
+                phase.pop("keys", None)
+                gateway_runs.append(phase)
+                if not deliver:  # as for the naive queue: a queue growing phase after phase slows the broker
+                    await floors.purge_queue(AMQP_URL, work_queue(DESTINATION, deployment.prefix))
                 await naive_phase()
         finally:
             await deployment.stop()
@@ -73,15 +88,14 @@ async def paired(
     gateway_rates = [run["accepted_per_s"] for run in gateway_runs]
     ratios = bracketed_ratios(naive_rates, gateway_rates)
     return {
+        "command": command,
         "duration_s": duration,
         "naive_per_s": naive_rates,
         "gateway_per_s": gateway_rates,
         "ratios": ratios,
         "median_ratio": statistics.median(ratios),
-        "all_delivered": all(run["all_delivered"] for run in gateway_runs),
-        "other_answers": [
-            {k: v for k, v in run["statuses"].items() if k != "202"} for run in naive_runs + gateway_runs
-        ],
+        "all_delivered": all(run["all_delivered"] for run in gateway_runs) if deliver else None,
+        "other_answers": [_not_202(run) for run in naive_runs + gateway_runs],
     }
 
 
@@ -89,7 +103,7 @@ def _not_202(run: dict[str, Any]) -> dict[str, int]:
     return {status: count for status, count in run["statuses"].items() if status != "202"}
 
 
-async def _alone(work: Path, duration: float, rounds: int, processes: int) -> dict[str, Any]:
+async def _alone(work: Path, duration: float, rounds: int, processes: int, command: str) -> dict[str, Any]:
     from gateway.security.pki import init_dev_pki  # noqa: PLC0415 -- only for the command line
 
     init_dev_pki(work / "certs")
@@ -97,7 +111,10 @@ async def _alone(work: Path, duration: float, rounds: int, processes: int) -> di
     bodies = msgs.signed_messages(work / "certs", 5_000, 20 + per_phase * rounds)
     phases = [bodies[20 + i * per_phase : 20 + (i + 1) * per_phase] for i in range(rounds)]
     naive = phases[0]  # the naive pipeline keeps no state: any signed messages will do
-    return await paired(work / "certs", work, naive, phases, bodies[:20], processes=processes, duration=duration)
+    certs = work / "certs"
+    return await paired(
+        certs, work, naive, phases, bodies[:20], processes=processes, duration=duration, command=command
+    )
 
 
 def main() -> None:
@@ -107,9 +124,10 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per phase")
     parser.add_argument("--rounds", type=int, default=ROUNDS, help="gateway phases (one naive phase more)")
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--command", choices=["run", "serve"], default="run", help="serve: the ingress alone")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="nsw-paired-") as folder:
-        result = asyncio.run(_alone(Path(folder), args.duration, args.rounds, args.processes))
+        result = asyncio.run(_alone(Path(folder), args.duration, args.rounds, args.processes, args.command))
     print("\n".join(paired_lines(result, args.processes, "{:<44} {:>12} {:>12} {:>8}  {}")))
 
 

@@ -78,7 +78,7 @@ def _split_lines(
 def paired_lines(paired: dict[str, Any], processes: int, row: str) -> list[str]:
     """The issue's ratio from alternating phases (bench/paired.py): its median, and every phase."""
     ratios = paired["ratios"]
-    label = f"  accepted/s vs naive x{processes}, alternating"
+    label = f"  `{paired['command']}` vs naive x{processes}, alternating"
     gateway, naive = statistics.median(paired["gateway_per_s"]), statistics.median(paired["naive_per_s"])
     against = f"median of {len(ratios)} ratios"
     lines = [row.format(label, _f(gateway), _f(naive), f"{paired['median_ratio']:.2f}", against)]
@@ -87,7 +87,7 @@ def paired_lines(paired: dict[str, Any], processes: int, row: str) -> list[str]:
         phases += [f"gateway {_f(done)}", f"naive {_f(after)}"]
     each = ", ".join(f"{r:.2f}" for r in ratios)
     lines.append(f"     {paired['duration_s']:g} s phases, in turn: {' | '.join(phases)}; ratios {each}")
-    if not paired["all_delivered"] or any(paired["other_answers"]):
+    if paired["all_delivered"] is False or any(paired["other_answers"]):
         lines.append(f"     ! other answers {paired['other_answers']}, all delivered: {paired['all_delivered']}")
     return lines
 
@@ -172,8 +172,8 @@ def table(result: dict[str, Any]) -> str:
                 ("delivered/s to the agency", sat["delivered_per_s"], sat["accepted_per_s"], "accepted/s"),
             ):
                 lines.append(row.format(f"  {label}", _f(value), _f(against), _ratio(value, against), against_name))
-            if key in result.get("paired", {}):
-                lines += paired_lines(result["paired"][key], processes, row)
+            for alternating in result.get("paired", {}).get(key, []):
+                lines += paired_lines(alternating, processes, row)
             offered = {float(rate): phase for rate, phase in run.get("curve", {}).items()}
             offered[result["plan"]["offered_rate"]] = fixed
             for rate, phase in sorted(offered.items()):
