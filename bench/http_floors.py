@@ -51,11 +51,10 @@ async def floor_servers(kind: str, pki_dir: Path, work: Path, *, copies: int = 1
 
 async def saturate(url: str, bodies: list[bytes], work: Path, duration: float, name: str) -> dict[str, Any]:
     """The load generator at saturation (64 in flight) against ``url`` for ``duration`` seconds."""
-    batch = msgs.save(bodies, work / f"{name}-{uuid.uuid4().hex[:6]}.pickle")
+    stem = f"{name}-{uuid.uuid4().hex[:6]}"
+    batch = msgs.save(bodies, work / f"{stem}.pickle")
     try:
-        result = await loadgen(
-            [url], batch, work / f"{name}-{uuid.uuid4().hex[:6]}.json", concurrency=64, duration=duration
-        )
+        result = await loadgen([url], batch, work / f"{stem}.json", concurrency=64, duration=duration)
     finally:
         batch.unlink()
     result.pop("accepted_ids")

@@ -106,12 +106,12 @@ def _not_202(run: dict[str, Any]) -> dict[str, int]:
 async def _alone(work: Path, duration: float, rounds: int, processes: int, command: str) -> dict[str, Any]:
     from gateway.security.pki import init_dev_pki  # noqa: PLC0415 -- only for the command line
 
-    init_dev_pki(work / "certs")
+    certs = work / "certs"
+    init_dev_pki(certs)
     per_phase = int(CAP_PER_S * duration)
-    bodies = msgs.signed_messages(work / "certs", 5_000, 20 + per_phase * rounds)
+    bodies = msgs.signed_messages(certs, 5_000, 20 + per_phase * rounds)
     phases = [bodies[20 + i * per_phase : 20 + (i + 1) * per_phase] for i in range(rounds)]
     naive = phases[0]  # the naive pipeline keeps no state: any signed messages will do
-    certs = work / "certs"
     return await paired(
         certs, work, naive, phases, bodies[:20], processes=processes, duration=duration, command=command
     )

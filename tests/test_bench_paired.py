@@ -1,7 +1,7 @@
 """The bench's alternating measurement of the issue's ratio (bench/paired.py): the naive pipeline and
-`nswgw run` on the real RabbitMQ take turns, the phases come out in the right order and number, every
-gateway phase is compared with the naive phases on both sides of it, and the naive queue is emptied
-between phases and deleted afterwards."""
+`nswgw run` (or `serve`) on the real RabbitMQ take turns, the phases come out in the right order and
+number, every gateway phase is compared with the naive phases on both sides of it, and the queues that
+nothing consumes are emptied between phases (the naive one deleted afterwards)."""
 
 from __future__ import annotations
 
