@@ -9,8 +9,10 @@ before taking the next batch, so it carries more. Without it, at moderate load t
 one or two operations: every commit wakes the writer thread, hands the GIL back and forth with the
 event loop a dozen times and takes the shared database lock, and that per-commit cost, not the
 messages, filled the CPU (`nswgw run` on RabbitMQ, 2 ms: 3.9 -> 3.6 ms of CPU per message and p99
-150 -> 100 ms at 500 msg/s offered, and about 15% more messages per second at saturation). A lone
-operation after a quiet spell still commits at once.
+150 -> 100 ms at 500 msg/s offered). At saturation it makes no measurable difference: measured later in
+alternation with the naive floor (`python -m bench.paired`), 0, 2 and 5 ms gave the same ratio within
+the noise; the ~15% more messages per second first seen there did not hold. A lone operation after a
+quiet spell still commits at once.
 """
 
 from __future__ import annotations
