@@ -22,7 +22,7 @@ import contextlib
 import json
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -83,7 +83,8 @@ async def _serve(
         loop.add_signal_handler(signal.SIGHUP, gw.start_reloader().request)
         if metrics_port is not None:
             host = metrics_host or settings.host
-            metrics_runner = await start_metrics_server(gw.metrics, settings.operator_token, host, metrics_port)
+            with _listening("metrics", host, metrics_port):
+                metrics_runner = await start_metrics_server(gw.metrics, settings.operator_token, host, metrics_port)
             print(f"nswgw metrics on {host}:{metrics_port}/metrics", file=sys.stderr)
         if ingress:
             runner = web.AppRunner(create_app(gw), handle_signals=False)
@@ -91,7 +92,8 @@ async def _serve(
             site = web.TCPSite(
                 runner, settings.host, settings.port, ssl_context=_ssl_context(settings), reuse_port=reuse_port or None
             )
-            await site.start()
+            with _listening("ingress", settings.host, settings.port):
+                await site.start()
             print(f"nswgw listening on {settings.host}:{settings.port}", file=sys.stderr)
         await stop.wait()
     finally:
@@ -104,6 +106,17 @@ async def _serve(
         if metrics_runner is not None:
             await metrics_runner.cleanup()
         await gw.close()
+
+
+@contextlib.contextmanager
+def _listening(what: str, host: str, port: int) -> Iterator[None]:
+    """A port that cannot be bound (in use, not permitted, no such address) is a configuration error:
+    exit 2, which also stops a supervisor's other children, rather than a crash a supervisor would
+    restart forever with the same result."""
+    try:
+        yield
+    except OSError as exc:
+        raise ConfigError(f"cannot listen for {what} on {host}:{port}: {exc.strerror or exc}") from exc
 
 
 def _ssl_context(settings: Settings) -> Any:

@@ -448,5 +448,9 @@ async def start_metrics_server(
     """Serve ``metrics_app`` on ``host:port``; the caller cleans the runner up."""
     runner = web.AppRunner(metrics_app(metrics, operator_token), access_log=None, handle_signals=False)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
     return runner

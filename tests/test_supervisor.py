@@ -8,6 +8,7 @@ import contextlib
 import http.client
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -38,13 +39,8 @@ def test_children_get_the_same_arguments_without_processes_and_with_their_index(
 def test_bad_process_settings_are_configuration_errors(
     pki_dir: Path, tmp_path: Path, processes: str, port: str, error: str
 ) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "gateway", "run", "--certs", str(pki_dir), "--data", str(tmp_path), "--port", port],
-        env=child_env(NSW_PROCESSES=processes),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    done = _until_exit(
+        ["run", "--certs", str(pki_dir), "--data", str(tmp_path), "--port", port], NSW_PROCESSES=processes
     )
     assert done.returncode == 2
     assert error in done.stderr
@@ -130,21 +126,49 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def test_a_configuration_error_in_the_children_stops_the_supervisor_with_exit_2(tmp_path: Path) -> None:
-    args = ["run", "--certs", str(tmp_path / "missing"), "--data", str(tmp_path), "--port", str(free_port())]
-    done = subprocess.run(
-        [sys.executable, "-m", "gateway", *args, "--processes", "2"],
-        env=child_env(),
+def _until_exit(args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
+    """`nswgw` with ``args``, to its exit (expected well within a minute), its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        env=child_env(**env),
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
+
+
+def test_a_configuration_error_in_the_children_stops_the_supervisor_with_exit_2(tmp_path: Path) -> None:
+    args = ["run", "--certs", str(tmp_path / "missing"), "--data", str(tmp_path), "--port", str(free_port())]
+    done = _until_exit([*args, "--processes", "2"])
     assert done.returncode == 2
     # The first child to fail stops the other, which may not have got as far as saying why; a restarted
     # child would say it a third time.
     assert 1 <= done.stderr.count("trust directory not found") <= 2
     assert "supervisor.child_config_error" in done.stderr
+
+
+def test_a_child_that_cannot_bind_its_metrics_port_stops_the_supervisor_with_exit_2(
+    pki_dir: Path, tmp_path: Path
+) -> None:
+    """Child 1 serves /metrics on base + 1; with that port taken, restarting it could only fail again."""
+    base = free_ports_in_a_row(2)
+    args = ["run", "--certs", pki_dir, "--data", tmp_path / "var", "--port", free_port(), "--metrics-port", base]
+    with socket.create_server(("127.0.0.1", base + 1)):  # somebody else's listener
+        done = _until_exit([*map(str, args), "--processes", "2"])
+    assert done.returncode == 2
+    assert f"cannot listen for metrics on 127.0.0.1:{base + 1}" in done.stderr
+    assert "address already in use" in done.stderr
+    assert "supervisor.child_config_error" in done.stderr
+    assert "supervisor.child_died" not in done.stderr  # stopped, not restarted
+
+
+def test_a_taken_ingress_port_is_a_configuration_error(pki_dir: Path, tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        done = _until_exit(["serve", "--certs", str(pki_dir), "--data", str(tmp_path), "--port", str(port)])
+    assert done.returncode == 2
+    assert f"configuration error: cannot listen for ingress on 127.0.0.1:{port}" in done.stderr
 
 
 async def test_every_scrape_of_two_processes_counts_both_and_a_restart_loses_no_count(
