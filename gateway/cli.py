@@ -62,6 +62,7 @@ async def _serve(
 ) -> None:
     from aiohttp import web
 
+    from gateway.heap import settle_startup_heap
     from gateway.ingress import create_app
     from gateway.metrics import GatewayMetrics, start_metrics_server
     from gateway.runtime import Gateway
@@ -95,6 +96,7 @@ async def _serve(
             with _listening("ingress", settings.host, settings.port):
                 await site.start()
             print(f"nswgw listening on {settings.host}:{settings.port}", file=sys.stderr)
+        settle_startup_heap()
         await stop.wait()
     finally:
         if publisher is not None:

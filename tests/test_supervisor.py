@@ -103,6 +103,9 @@ async def test_two_processes_share_the_port_and_a_killed_one_is_replaced(
         supervisor.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(supervisor.wait, 60) == 0
         assert not _alive(first[1])
+        # each child froze its startup heap before serving (gateway/heap.py); the replacement may not
+        # have got that far before SIGTERM
+        assert (tmp_path / "run.log").read_text().count('"event": "runtime.heap_settled"') >= 2
     finally:
         _kill_all(supervisor)
         await agency.stop()
