@@ -87,6 +87,7 @@ async def _serve(
             with _listening("metrics", host, metrics_port):
                 metrics_runner = await start_metrics_server(gw.metrics, settings.operator_token, host, metrics_port)
             print(f"nswgw metrics on {host}:{metrics_port}/metrics", file=sys.stderr)
+        settle_startup_heap()  # before the listener opens: its one full collection delays no request
         if ingress:
             runner = web.AppRunner(create_app(gw), handle_signals=False)
             await runner.setup()
@@ -96,7 +97,6 @@ async def _serve(
             with _listening("ingress", settings.host, settings.port):
                 await site.start()
             print(f"nswgw listening on {settings.host}:{settings.port}", file=sys.stderr)
-        settle_startup_heap()
         await stop.wait()
     finally:
         if publisher is not None:
