@@ -44,7 +44,7 @@ from gateway.model import Delivery, ParsedMessage, PartyRef, RoutedMessage, Stat
 from gateway.partners import PartnerRegistry
 from gateway.receipts import ReceiptFactory
 from gateway.security.parse import parse_message
-from gateway.security.verify import Verifier
+from gateway.security.verify import BODY_SIGNATURE_AT, Verifier
 from gateway.stores.base import ClaimKind, Ledger
 from gateway.validation import Validator
 from routing.engine import RoutingTable
@@ -141,6 +141,15 @@ class Admission:
                 ErrorCode.SENDER_MISMATCH,
                 f"{party.identity} is not registered to send function {header.function} of {header.document_type}",
                 where,
+            )
+        if doc_type.needs_body_signature(header.function, party.role) and not verified.body_signature.present:
+            # Verify already checked a Body signature that is there; this refuses one that is missing where the
+            # registry requires it (an e-C/O that no issuing authority signed, sent on by a peer or a ministry).
+            raise Rejected(
+                ErrorCode.SIGNATURE_MISSING,
+                f"function {header.function} of {header.document_type} from {party.identity} ({party.role}) must carry "
+                "the issuing authority's signature over Body/Content (a ds:Signature in Body); this message has none",
+                BODY_SIGNATURE_AT,
             )
 
     def validate(self, verified: VerifiedMessage) -> ValidatedMessage:

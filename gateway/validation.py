@@ -23,7 +23,7 @@ import urllib.error
 import urllib.request
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
@@ -69,7 +69,7 @@ DOCUMENT_TYPE_LOCATION: Final = "/Envelope/Header/Subject/documentType"
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9.\-]*")  # envelope.xsd DocumentTypeName
 _CLARK = re.compile(r"\{[^{}\s]+\}[A-Za-z_][\w.\-]*")
-_ENTRY_KEYS = frozenset({"description", "root", "schema", "functions"})
+_ENTRY_KEYS = frozenset({"description", "root", "schema", "functions", "body_signature_required"})
 _XS = "http://www.w3.org/2001/XMLSchema"
 
 
@@ -80,10 +80,16 @@ class DocumentType:
     root: str  # Clark name of the business document's root element
     schema_files: tuple[Path, ...]  # absolute; loaded together, in this order
     functions: Mapping[str, frozenset[str]]  # function code -> roles allowed to send it
+    # function code -> roles that must send it with the issuing authority's signature over Body/Content
+    body_signature_required: Mapping[str, frozenset[str]] = field(default_factory=lambda: MappingProxyType({}))
 
     def roles_for(self, function: str) -> frozenset[str]:
         """The party roles that may send ``function`` of this type; empty if nobody may."""
         return self.functions.get(function, frozenset())
+
+    def needs_body_signature(self, function: str, role: str) -> bool:
+        """Whether a ``role`` sending ``function`` of this type must include the Body signature."""
+        return role in self.body_signature_required.get(function, frozenset())
 
 
 class DocumentTypeRegistry:
@@ -154,12 +160,15 @@ def _document_type(path: Path, name: str, entry: Any) -> DocumentType:
     root = entry.get("root")
     if not isinstance(root, str) or not _CLARK.fullmatch(root):
         raise fail(f"root must be a Clark name such as '{{urn:nsw:licence:1}}ImportLicence', got {root!r}")
+    functions = _functions(entry.get("functions"), fail)
+    required = _body_signature_required(entry.get("body_signature_required"), functions, fail)
     return DocumentType(
         name=name,
         description=str(entry.get("description") or ""),
         root=root,
         schema_files=_schema_files(path.parent, entry.get("schema"), fail),
-        functions=_functions(entry.get("functions"), fail),
+        functions=functions,
+        body_signature_required=required,
     )
 
 
@@ -190,6 +199,22 @@ def _functions(value: Any, fail: Any) -> Mapping[str, frozenset[str]]:
             raise fail(f"function {code}: unknown role(s) {', '.join(bad)} (roles: {', '.join(sorted(ROLES))})")
         table[code] = frozenset(roles)
     return MappingProxyType(table)
+
+
+def _body_signature_required(
+    value: Any, functions: Mapping[str, frozenset[str]], fail: Any
+) -> Mapping[str, frozenset[str]]:
+    """Same shape as ``functions``; each role listed must also be allowed to send that function."""
+    if value is None:
+        return MappingProxyType({})
+    if not isinstance(value, dict) or not value:
+        raise fail("body_signature_required must map function codes to lists of roles")
+    table = _functions(value, lambda problem: fail(f"body_signature_required: {problem}"))
+    for code, roles in table.items():
+        stray = sorted(roles - functions.get(code, frozenset()))
+        if stray:
+            raise fail(f"body_signature_required: function {code}: {', '.join(stray)} may not send it (see functions)")
+    return table
 
 
 # -- schema sets: loading confined to one folder, compiled once per process ------------------------------

@@ -75,7 +75,9 @@ async def assert_rejected(
 async def test_every_shipped_type_is_accepted_with_a_signed_receipt(
     running: RunningGateway, signed: Callable[..., bytes], pki_dir: Path, document_type: str
 ) -> None:
-    body = signed(document_type)
+    sender = SAMPLE_SENDERS[document_type][0]
+    # The e-C/O sample is a certificate its ministry issues: signed over Body/Content too (schemas/registry.yaml).
+    body = signed(document_type, body_signer=sender if document_type == "eco.atiga-form-d" else None)
     response = await running.post(body)
     answer = await response.read()
     assert response.status == 202, answer[:800]
@@ -296,6 +298,28 @@ async def test_trader_signing_as_a_ministry(
 ) -> None:
     body = signed("eco.atiga-form-d", sender="VN-MOIT", signer="VN-TRADER-0101234567")
     await assert_rejected(running, body, "SENDER_MISMATCH", 403, pki_dir)
+
+
+@pytest.mark.parametrize("function", ["01", "02", "03"])
+async def test_a_certificate_of_origin_its_ministry_sends_without_the_body_signature_is_signature_missing(
+    running: RunningGateway, signed: Callable[..., bytes], pki_dir: Path, function: str
+) -> None:
+    # Signed by VN-MOIT's system, but not over Body/Content: nothing would let customs or the importing
+    # country check the certificate itself once a gateway has re-signed the envelope.
+    body = signed("eco.atiga-form-d", sender="VN-MOIT", function=function, pre_reference=str(uuid.uuid4()))
+    rejection = await assert_rejected(running, body, "SIGNATURE_MISSING", 401, pki_dir)
+    assert rejection.findtext("r:location", namespaces=R) == "/Envelope/Body/ds:Signature"
+    detail = rejection.findtext("r:detail", namespaces=R) or ""
+    assert f"function {function} of eco.atiga-form-d from VN-MOIT (agency)" in detail
+
+
+async def test_a_traders_application_for_a_certificate_of_origin_needs_no_body_signature(
+    running: RunningGateway, signed: Callable[..., bytes]
+) -> None:
+    # The same function code from the exporter is an application to the ministry, not a certificate.
+    body = signed("eco.atiga-form-d", sender="VN-TRADER-0101234567", recipient="VN-MOIT", function="01")
+    response = await running.post(body)
+    assert response.status == 202, (await response.read())[:600]
 
 
 async def test_forged_issuer_signature_on_a_certificate_of_origin(

@@ -295,6 +295,13 @@ def test_the_shipped_registry(registry: DocumentTypeRegistry) -> None:
     assert registry.by_root("{urn:nowhere}Nothing") == []
     assert "licence.import" in registry
     assert "nope" not in registry
+    eco = registry.get("eco.atiga-form-d")
+    assert eco.body_signature_required == {code: {"agency", "peer"} for code in ("01", "02", "03")}
+    assert eco.needs_body_signature("01", "peer")
+    assert eco.needs_body_signature("03", "agency")
+    assert not eco.needs_body_signature("01", "trader")  # an application, not a certificate
+    assert not eco.needs_body_signature("23", "peer")  # an answer
+    assert licence.body_signature_required == {}
 
 
 def test_every_registered_schema_set_also_loads_for_error_reports(validator: Validator) -> None:
@@ -323,6 +330,14 @@ def write_registry(folder: Path, entry: str, name: str = "x.doc") -> Path:
 
 
 GOOD_ENTRY = 'root: "{urn:x}Doc"\nschema: doc.xsd\nfunctions:\n  "01": [trader]'
+
+
+def test_a_registry_entry_may_require_the_body_signature_per_function_and_role(tmp_path: Path) -> None:
+    entry = GOOD_ENTRY.replace("[trader]", "[trader, agency]") + '\nbody_signature_required:\n  "01": [agency]'
+    doc = DocumentTypeRegistry.load(write_registry(tmp_path, entry)).get("x.doc")
+    assert doc.needs_body_signature("01", "agency")
+    assert not doc.needs_body_signature("01", "trader")
+    assert not doc.needs_body_signature("02", "agency")
 
 
 def test_a_minimal_registry_of_ones_own_loads_and_validates(tmp_path: Path) -> None:
@@ -356,6 +371,11 @@ def test_an_edited_schema_is_compiled_again_by_the_next_validator(tmp_path: Path
         (GOOD_ENTRY.replace("doc.xsd", "missing.xsd"), "schema file 'missing.xsd' does not exist"),
         (GOOD_ENTRY + "\nschemas: doc.xsd", "unknown key(s) schemas"),
         ('root: "{urn:x}Doc"\nschema: doc.xsd', "functions must map function codes"),
+        (GOOD_ENTRY + "\nbody_signature_required: [trader]", "body_signature_required must map function codes"),
+        (GOOD_ENTRY + '\nbody_signature_required:\n  "01": [peer]', "function 01: peer may not send it"),
+        (GOOD_ENTRY + '\nbody_signature_required:\n  "02": [trader]', "function 02: trader may not send it"),
+        (GOOD_ENTRY + "\nbody_signature_required:\n  01: [trader]", "body_signature_required: function code 1 must"),
+        (GOOD_ENTRY + '\nbody_signature_required:\n  "01": [spy]', "body_signature_required: function 01: unknown"),
     ],
 )
 def test_registry_errors_name_the_entry(tmp_path: Path, entry: str, problem: str) -> None:

@@ -84,6 +84,17 @@ async def test_a_peer_sending_a_type_it_is_not_allowed_is_sender_mismatch(
     assert fault in detail
 
 
+async def test_a_certificate_a_peer_sends_without_its_issuing_authoritys_signature_is_signature_missing(
+    cross_border: Callable[..., Awaitable[CrossBorder]],
+) -> None:
+    # TH-NSW's own signature proves only that TH-NSW sent it, not that any Thai authority issued it.
+    pair = await cross_border()
+    envelope = sample_envelope("eco.atiga-form-d", sender="TH-NSW", recipient="VN-NSW")
+    status, code, detail = await rejected_at_vn(pair, to_bytes(pair.dirs.signer("TH-NSW").sign_envelope(envelope)))
+    assert (status, code) == (401, "SIGNATURE_MISSING")
+    assert "function 01 of eco.atiga-form-d from TH-NSW (peer) must carry the issuing authority's signature" in detail
+
+
 async def test_a_forward_vn_does_not_allow_from_th_is_dead_lettered_at_th_with_sender_mismatch(
     dirs: PairDirs, cross_border: Callable[..., Awaitable[CrossBorder]]
 ) -> None:
