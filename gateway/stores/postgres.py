@@ -199,7 +199,9 @@ class PostgresLedger(GroupCommitLedger):
         with _unavailable("write"):
             async with self._connected().acquire(timeout=self._timeout) as conn, conn.transaction():
                 head = ChainHead(*await conn.fetchrow(LOCK_HEAD))
-                messages = [MessageRow.from_row(r) for r in await conn.fetch(SELECT_MESSAGES, message_ids)]
+                messages = []
+                if message_ids:  # a batch of delivery events touches destination rows only
+                    messages = [MessageRow.from_row(r) for r in await conn.fetch(SELECT_MESSAGES, message_ids)]
                 destinations = []
                 if destination_ids:
                     rows = await conn.fetch(SELECT_DESTINATIONS, destination_ids)

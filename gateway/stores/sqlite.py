@@ -200,7 +200,10 @@ class SqliteLedger(GroupCommitLedger):
         begin_immediate(conn, self._timeout)
         try:
             head = ChainHead(*conn.execute(sql.SELECT_HEAD).fetchone())
-            messages = [MessageRow.from_row(r) for r in conn.execute(SELECT_MESSAGES, (_json_list(message_ids),))]
+            messages = []
+            if message_ids:  # a batch of delivery events touches destination rows only
+                rows = conn.execute(SELECT_MESSAGES, (_json_list(message_ids),))
+                messages = [MessageRow.from_row(r) for r in rows]
             destinations = []
             if destination_ids:
                 rows = conn.execute(SELECT_DESTINATIONS, (_json_list(destination_ids),))
