@@ -4,18 +4,22 @@ The watcher polls the file's (mtime, size, inode) every ``interval`` seconds -- 
 and SIGHUP (``request``) forces a reload even when the file looks unchanged. A reload:
 
 1. loads and checks the file (``RoutingTable.load``: every fault is a ``ConfigError`` naming the rule);
-2. when this process runs a worker, builds the adapters of destinations the file adds (a bad adapter
-   option is refused here too);
+2. when this process runs a worker, builds the adapters of destinations the file adds, and new adapters
+   for existing destinations whose adapter or options changed (a bad adapter option is refused here too);
 3. declares the new destinations' queues on the broker;
 4. swaps the table in one assignment (``admission.routing``): a message being admitted sees either
-   the old table or the new one, never a mix;
+   the old table or the new one, never a mix; in the same step, with no await in between, every
+   changed destination's lane takes its new adapter, retry and breaker policies (``Worker.reconfigure``):
+   attempts that start from then on use them, attempts already talking to the old adapter finish
+   with it, and it is closed when the last of them ends. A new adapter or breaker policy starts with a
+   closed breaker: the old one counted another endpoint's failures;
 5. starts consuming the new destinations (a second ``Worker`` for just those lanes).
 
 Any failure in 1-3 keeps the old rules and logs ``routing.reload_rejected`` with the error text; a
-file that failed is not retried until it changes again (or SIGHUP). What a reload does NOT do in the
-running worker (``routing.reload_needs_restart`` lists them): change the adapter options or retry /
-breaker policies of an existing destination, or stop consuming a removed destination (its queue
-keeps draining, which is what one wants for messages already accepted). Restart the workers for those.
+file that failed is not retried until it changes again (or SIGHUP). What a reload does NOT do: stop
+consuming a removed destination (its queue keeps draining with its last settings, which is what one
+wants for messages already accepted; ``routing.reload_needs_restart`` lists them). Restart the
+workers to stop those.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,9 +35,9 @@ from typing import TYPE_CHECKING
 import structlog
 
 from adapters.base import Adapter
-from adapters.registry import build_adapter
 from gateway.errors import BrokerUnavailable, ConfigError
 from gateway.worker import Worker
+from routing.config import DestinationConfig
 from routing.engine import RoutingTable
 
 if TYPE_CHECKING:
@@ -52,7 +56,7 @@ class ReloadOutcome:
     error: str | None = None
     added: tuple[str, ...] = ()
     removed: tuple[str, ...] = ()
-    changed: tuple[str, ...] = ()  # existing destinations whose settings differ: applied at worker restart
+    changed: tuple[str, ...] = ()  # existing destinations whose settings differ: applied to new attempts
 
 
 class RoutingReloader:
@@ -152,28 +156,34 @@ class RoutingReloader:
         removed = tuple(sorted(set(old.destinations) - set(new.destinations)))
         kept = set(new.destinations) & set(old.destinations)
         changed = tuple(sorted(n for n in kept if new.destinations[n] != old.destinations[n]))
-        adapters: dict[str, Adapter] = {}
+        workers = self._workers()
+        # A destination some worker here already has a lane for (changed, or a peer delivered to with
+        # default options until the file named it) is reconfigured there; the others get new lanes.
+        retuned = {name: w for name in (*changed, *added) for w in workers if name in w.destinations}
+        fresh: dict[str, Adapter] = {}  # for new lanes
+        replacing: dict[str, Adapter] = {}  # for existing lanes whose adapter settings changed
         try:
-            if gw.worker is not None:
-                base = gw.settings.data_dir
-                for name in added:
-                    dest = new.destinations[name]
-                    adapters[name] = build_adapter(name, dest.adapter, dest.options, base_dir=base)
+            if workers:
+                fresh, replacing = await self._new_adapters(new, old, [n for n in added if n not in retuned], retuned)
             await gw.broker.declare(list(added))
         except (ConfigError, BrokerUnavailable) as exc:
-            for adapter in adapters.values():
-                await adapter.close()
+            await _close_all([*fresh.values(), *replacing.values()])
             return self._rejected(source, str(exc), old)
 
-        gw.pipeline.admission.routing = new  # the swap: one assignment
+        # The swap: one assignment for the rules, and no await until every lane has its new settings.
+        gw.pipeline.admission.routing = new
         gw.routing = new
-        if adapters:
+        for name, worker in retuned.items():
+            dest = new.destinations[name]
+            worker.reconfigure(name, replacing.get(name), dest.retry, dest.breaker)
+        gw.adapters.update(replacing)
+        if fresh:
             try:
-                await self._consume(new, adapters)
+                await self._consume(new, fresh)
             except BrokerUnavailable as exc:
                 # The rules are in force and the queues exist, so nothing is lost: the copies wait there.
                 log.error(  # noqa: TRY400 -- the error text says it all; no traceback wanted
-                    "routing.consume_failed", destinations=list(adapters), error=str(exc)
+                    "routing.consume_failed", destinations=list(fresh), error=str(exc)
                 )
         log.info(
             "routing.reloaded",
@@ -182,16 +192,45 @@ class RoutingReloader:
             destinations=sorted(new.destinations),
             added=list(added),
             removed=list(removed),
+            changed=list(changed),
         )
-        if changed or (removed and gw.worker is not None):
+        for name in sorted(retuned):
+            log.info(
+                "routing.destination_reconfigured",
+                destination=name,
+                settings=_changed_settings(new.destinations[name], old.destinations.get(name)),
+                new_adapter=name in replacing,
+            )
+        if removed and workers:
             log.warning(
                 "routing.reload_needs_restart",
-                changed=list(changed),
                 removed=list(removed),
-                detail="running workers keep the old adapter options and policies of these destinations "
-                "(and keep draining removed ones) until they restart",
+                detail="running workers keep draining the queues of removed destinations, with their last "
+                "settings, until they restart",
             )
         return ReloadOutcome(True, source, None, added, removed, changed)
+
+    async def _new_adapters(
+        self, new: RoutingTable, old: RoutingTable, lanes: list[str], retuned: Iterable[str]
+    ) -> tuple[dict[str, Adapter], dict[str, Adapter]]:
+        """Adapters for the new ``lanes``, and replacements for the ``retuned`` destinations whose adapter
+        settings changed; a bad option raises ``ConfigError`` and leaves none of them open."""
+        fresh: dict[str, Adapter] = {}
+        replacing: dict[str, Adapter] = {}
+        try:
+            for name in lanes:
+                fresh[name] = self.gateway.adapter_for(new.destinations[name])
+            for name in retuned:
+                if _adapter_settings_differ(new.destinations[name], old.destinations.get(name)):
+                    replacing[name] = self.gateway.adapter_for(new.destinations[name])
+        except ConfigError:
+            await _close_all([*fresh.values(), *replacing.values()])
+            raise
+        return fresh, replacing
+
+    def _workers(self) -> list[Worker]:
+        main = self.gateway.worker
+        return ([main] if main is not None else []) + self.workers
 
     async def _consume(self, table: RoutingTable, adapters: dict[str, Adapter]) -> None:
         gw = self.gateway
@@ -204,3 +243,25 @@ class RoutingReloader:
     def _rejected(self, source: str, error: str, kept: RoutingTable) -> ReloadOutcome:
         log.error("routing.reload_rejected", file=source, error=error, kept=kept.source)
         return ReloadOutcome(False, source, error)
+
+
+async def _close_all(adapters: list[Adapter]) -> None:
+    for adapter in adapters:
+        try:
+            await adapter.close()
+        except Exception:  # a reload that is already being refused must still report why
+            log.exception("routing.adapter_close_failed", adapter=repr(adapter))
+
+
+def _adapter_settings_differ(new: DestinationConfig, old: DestinationConfig | None) -> bool:
+    return old is None or (new.adapter, new.options) != (old.adapter, old.options)
+
+
+def _changed_settings(new: DestinationConfig, old: DestinationConfig | None) -> list[str]:
+    """What a reload changed for a destination, by name only: option values may be credentials."""
+    if old is None:
+        return ["adapter"]  # was delivered to with the defaults (a peer the file did not name)
+    names = ["adapter"] if new.adapter != old.adapter else []
+    names += sorted(k for k in new.options.keys() | old.options.keys() if new.options.get(k) != old.options.get(k))
+    names += [part for part in ("retry", "breaker") if getattr(new, part) != getattr(old, part)]
+    return names

@@ -7,8 +7,10 @@ does both in one process, ``serve`` and ``worker`` one each).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -38,6 +40,7 @@ from gateway.stores.base import Ledger
 from gateway.stores.factory import make_ledger
 from gateway.validation import DocumentTypeRegistry, Validator
 from gateway.worker import Worker
+from routing.config import DestinationConfig
 from routing.engine import RoutingTable, default_rules_path
 
 log = structlog.get_logger("nsw.runtime")
@@ -143,21 +146,37 @@ class Gateway:
         base = base_dir or self.settings.data_dir
         # ASW peers need the gateway itself (its key, trust store, registry), not just options. A peer
         # the routing file does not list as a destination (adapter: asw) gets the default options.
-        context = PeerContext(
-            self.receipts.gateway,
-            self.signer,
-            self.pipeline.admission.verifier,  # peer receipts are checked exactly like inbound messages
-            ProofStore.under(self.settings.data_dir),
-        )
+        context = self._peer_context()
         adapters = {
-            name: build_peer_adapter(name, dest.options, context)
-            if dest.adapter == ASW_KIND
-            else build_adapter(name, dest.adapter, dest.options, base_dir=base)
+            name: self._build_adapter(name, dest.adapter, dest.options, context, base)
             for name, dest in self.routing.destinations.items()
         }
         for name in sorted(peer_destinations(self.partners) - adapters.keys()):
             adapters[name] = build_peer_adapter(name, {}, context)
         return adapters
+
+    def adapter_for(self, destination: DestinationConfig, base_dir: Path | None = None) -> Adapter:
+        """One destination's adapter, as ``build_adapters`` makes it (a routing reload's new or changed one)."""
+        base = base_dir or self.settings.data_dir
+        return self._build_adapter(
+            destination.name, destination.adapter, destination.options, self._peer_context(), base
+        )
+
+    def _peer_context(self) -> PeerContext:
+        return PeerContext(
+            self.receipts.gateway,
+            self.signer,
+            self.pipeline.admission.verifier,  # peer receipts are checked exactly like inbound messages
+            ProofStore.under(self.settings.data_dir),
+        )
+
+    @staticmethod
+    def _build_adapter(
+        name: str, kind: str, options: Mapping[str, Any], context: PeerContext, base_dir: Path
+    ) -> Adapter:
+        if kind == ASW_KIND:
+            return build_peer_adapter(name, options, context)
+        return build_adapter(name, kind, options, base_dir=base_dir)
 
     async def start_worker(self, destinations: list[str] | None = None) -> Worker:
         self.adapters = self.build_adapters()

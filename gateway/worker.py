@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -38,15 +39,29 @@ from gateway.retry import AdapterError, CircuitBreaker, CircuitOpen, deliver_wit
 log = structlog.get_logger("nsw.worker")
 
 
+@dataclass(eq=False)
+class _AdapterInUse:
+    """A lane's adapter and how many deliveries are using it: a retired one is closed when the last ends."""
+
+    adapter: Adapter
+    users: int = 0
+    retired: bool = False
+
+
 @dataclass
 class _Lane:
     """Everything that belongs to one destination."""
 
     destination: str
-    adapter: Adapter
+    current: _AdapterInUse
     retry: RetryPolicy
+    breaker_policy: BreakerPolicy
     breaker: CircuitBreaker
     subscription: Subscription | None = field(default=None)
+
+    @property
+    def adapter(self) -> Adapter:
+        return self.current.adapter
 
 
 class Worker:
@@ -76,10 +91,59 @@ class Worker:
         self._announce_after = announce_after
         self._stragglers: set[asyncio.Task[None]] = set()  # announcements outliving their delivery
         self._clock = clock
+        self._breaker_clock = breaker_clock
+        self._closing: set[asyncio.Task[None]] = set()  # retired adapters being closed
         self._lanes: dict[str, _Lane] = {}
         for name, adapter in adapters.items():
             retry, breaker = policies.get(name, (RetryPolicy(), BreakerPolicy()))
-            self._lanes[name] = _Lane(name, adapter, retry, CircuitBreaker(breaker, clock=breaker_clock))
+            self._lanes[name] = _Lane(
+                name, _AdapterInUse(adapter), retry, breaker, CircuitBreaker(breaker, clock=breaker_clock)
+            )
+
+    @property
+    def destinations(self) -> frozenset[str]:
+        """The destinations this worker has an adapter for (consumed or not)."""
+        return frozenset(self._lanes)
+
+    def reconfigure(
+        self, destination: str, adapter: Adapter | None, retry: RetryPolicy, breaker: BreakerPolicy
+    ) -> None:
+        """New settings for ``destination`` from a routing reload, for every attempt that starts from now on.
+
+        ``adapter`` (None: keep the current one) takes over at once; deliveries already talking to the
+        old adapter finish with it, and it is closed when the last of them ends. A new adapter or a new
+        breaker policy gets a fresh, closed circuit breaker: the old one counted another endpoint's
+        failures. Runs without awaiting, so no delivery sees half of the change.
+        """
+        lane = self._lanes.get(destination)
+        if lane is None:
+            raise ConfigError(f"worker: no adapter for destination {destination!r}")
+        if adapter is not None and adapter is not lane.adapter:
+            old, lane.current = lane.current, _AdapterInUse(adapter)
+            old.retired = True
+            if old.users == 0:
+                self._close_retired(old)
+        if adapter is not None or breaker != lane.breaker_policy:
+            lane.breaker = CircuitBreaker(breaker, clock=self._breaker_clock)
+        lane.retry, lane.breaker_policy = retry, breaker
+
+    @contextmanager
+    def _using(self, lane: _Lane) -> Iterator[Adapter]:
+        """The lane's adapter for one delivery; a reload's replacement waits for it before closing it."""
+        in_use = lane.current
+        in_use.users += 1
+        try:
+            yield in_use.adapter
+        finally:
+            in_use.users -= 1
+            if in_use.retired and in_use.users == 0:
+                self._close_retired(in_use)
+
+    def _close_retired(self, retired: _AdapterInUse) -> None:
+        task = asyncio.ensure_future(retired.adapter.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+        task.add_done_callback(partial(_log_close_failure, retired.adapter))
 
     async def start(self, destinations: Iterable[str] | None = None) -> None:
         """Declare and consume the given destinations' queues (all destinations with an adapter if None)."""
@@ -103,6 +167,7 @@ class Worker:
             lane.subscription = None
         await _all_or_log("worker.subscription_stop_failed", [sub.stop() for sub in subscriptions])
         await _all_or_log("worker.adapter_close_failed", [lane.adapter.close() for lane in self._lanes.values()])
+        await asyncio.gather(*self._closing, return_exceptions=True)  # failures are logged by the task
 
     def breaker_states(self) -> dict[str, str]:
         return {name: lane.breaker.state.value for name, lane in self._lanes.items()}
@@ -125,9 +190,10 @@ class Worker:
     async def _deliver(self, lane: _Lane, attempt: _Attempt) -> Outcome:
         delivery = attempt.delivery
         try:
-            receipt = await deliver_with_retries(
-                lane.adapter, delivery, lane.retry, lane.breaker, before_first_attempt=attempt.begin
-            )
+            with self._using(lane) as adapter:
+                receipt = await deliver_with_retries(
+                    adapter, delivery, lane.retry, lane.breaker, before_first_attempt=attempt.begin
+                )
         except CircuitOpen as exc:
             return await self._circuit_open(lane, attempt, exc)
         except PermanentFailure as exc:
@@ -245,6 +311,11 @@ class _Attempt:
             stragglers.add(task)
             task.add_done_callback(stragglers.discard)
             task.add_done_callback(_log_announce_failure)
+
+
+def _log_close_failure(adapter: Adapter, task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("worker.adapter_close_failed", adapter=repr(adapter), exc_info=task.exception())
 
 
 def _log_announce_failure(task: asyncio.Task[None]) -> None:

@@ -444,6 +444,37 @@ async def test_open_circuit_holds_deliveries_until_a_probe_succeeds(rig: Rig) ->
     assert delivered.attempt == 3  # waiting on an open circuit does not spend the retry budget
 
 
+async def test_reconfigure_resets_the_breaker_only_for_a_new_adapter_or_breaker_policy(rig: Rig) -> None:
+    agency = await rig.agency("moit", Agency(default=503))
+    tripping = BreakerPolicy(failure_threshold=1, reset_after=0.05)  # also the delay while open (real seconds)
+    worker = rig.worker({"moit": (QUICK, tripping)})
+    await worker.start()
+    first = await rig.send("moit")
+    await rig.recorder.wait_for(lambda _: "CIRCUIT_OPEN" in _codes(rig, first))
+    assert worker.breaker_states() == {"moit": "open"}
+
+    patient = replace(QUICK, max_attempts=20)
+    worker.reconfigure("moit", None, patient, tripping)  # a retry policy alone: the same endpoint, same breaker
+    assert worker.breaker_states() == {"moit": "open"}
+
+    worker.reconfigure("moit", None, patient, STEADY)  # a new breaker policy starts closed
+    assert worker.breaker_states() == {"moit": "closed"}
+    agency.default = 200  # ``first`` comes back from its wait on the open circuit; the new breaker lets it through
+    await rig.recorder.wait_state(first.message_id, State.DELIVERED)
+
+    agency.default = 503
+    second = await rig.send("moit")
+    worker.reconfigure("moit", None, patient, tripping)
+    await rig.recorder.wait_for(lambda _: "CIRCUIT_OPEN" in _codes(rig, second))
+    moved = await rig.agency("moit-new")
+    worker.reconfigure("moit", HttpAdapter("moit", moved.url), patient, tripping)  # another endpoint: closed
+    assert worker.breaker_states() == {"moit": "closed"}
+    await rig.recorder.wait_state(second.message_id, State.DELIVERED)
+    assert [r["Idempotency-Key"] for r in moved.requests] == [f"{second.message_id}:moit"]
+    with pytest.raises(ConfigError, match="no adapter for destination 'customs'"):
+        worker.reconfigure("customs", None, QUICK, STEADY)
+
+
 async def test_exhausted_budget_is_dead(rig: Rig) -> None:
     agency = await rig.agency("moit", Agency(default=503))
     short = replace(QUICK, max_attempts=3)

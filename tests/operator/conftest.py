@@ -14,7 +14,7 @@ from tests.support.agency import Agency
 async def agencies() -> AsyncIterator[Callable[..., Any]]:
     started: list[Agency] = []
 
-    async def start(answers: Iterable[int] = (), default: int = 200) -> Agency:
+    async def start(answers: Iterable[int | str] = (), default: int = 200) -> Agency:
         agency = await Agency("agency", answers, default).start()
         started.append(agency)
         return agency

@@ -12,6 +12,8 @@ from typing import Any
 
 from structlog.testing import capture_logs
 
+from adapters.base import Adapter
+from gateway.model import State
 from gateway.reload import ReloadOutcome, RoutingReloader
 from tests.conftest import RunningGateway
 from tests.operator.helpers import DEADLINE, rules, scrape, value, write_rules
@@ -20,10 +22,35 @@ from tests.support.agency import Agency
 
 async def send(gw: RunningGateway, signed: Callable[..., bytes]) -> list[str]:
     """POST one licence.import; the destinations its copies were enqueued for."""
+    return (await send_one(gw, signed))[1]
+
+
+async def send_one(gw: RunningGateway, signed: Callable[..., bytes]) -> tuple[str, list[str]]:
+    """POST one licence.import; its messageId and the destinations its copies were enqueued for."""
     before = len(gw.broker.published)
-    response = await gw.post(signed("licence.import", message_id=str(uuid.uuid4())))
+    message_id = str(uuid.uuid4())
+    response = await gw.post(signed("licence.import", message_id=message_id))
     assert response.status == 202, await response.text()
-    return [d.destination for d in gw.broker.published[before:]]
+    return message_id, [d.destination for d in gw.broker.published[before:]]
+
+
+async def state_of(gw: RunningGateway, message_id: str, destination: str) -> State | None:
+    status = await gw.gateway.ledger.status(message_id)
+    entry = status.destinations.get(destination) if status is not None else None
+    return entry.state if entry is not None else None
+
+
+def spy_on_close(adapter: Adapter) -> asyncio.Event:
+    """Set once ``adapter.close()`` has finished."""
+    closed = asyncio.Event()
+    close = adapter.close
+
+    async def closing() -> None:
+        await close()
+        closed.set()
+
+    adapter.close = closing  # type: ignore[method-assign]
+    return closed
 
 
 async def started(
@@ -137,3 +164,113 @@ async def test_sighup_reloads_at_once(
         assert await asyncio.wait_for(outcome, DEADLINE) == ReloadOutcome(True, str(path))
     finally:
         loop.remove_signal_handler(signal.SIGHUP)
+
+
+async def test_a_changed_destination_takes_its_new_settings_without_restart(
+    make_gateway: Callable[..., Any], agencies: Callable[..., Any], signed: Callable[..., bytes], tmp_path: Path
+) -> None:
+    """The agency moved: the same destination name, a new URL. New attempts go to the new address at
+    once; the attempt already talking to the old one finishes there, and only then is its adapter closed."""
+    first = await agencies(answers=["hang"])
+    second = await agencies()
+    path = write_rules(tmp_path / "rules.yaml", rules({"customs": first.url}))
+    gw = await make_gateway(routing_file=path)
+    await gw.gateway.start_worker()
+    reloader = gw.gateway.start_reloader(interval=3600)
+    old_adapter = gw.gateway.adapters["customs"]
+    old_closed = spy_on_close(old_adapter)
+
+    in_flight, _ = await send_one(gw, signed)
+    await first.wait_until(lambda: first.hanging == 1)
+
+    write_rules(path, rules({"customs": second.url}))
+    with capture_logs() as logs:
+        outcome = await reloader.check()
+    assert outcome == ReloadOutcome(True, str(path), None, changed=("customs",))
+    reconfigured = [e for e in logs if e["event"] == "routing.destination_reconfigured"]
+    assert [(e["destination"], e["settings"], e["new_adapter"]) for e in reconfigured] == [("customs", ["url"], True)]
+    assert not [e for e in logs if e["event"] == "routing.reload_needs_restart"]
+    assert gw.gateway.adapters["customs"] is not old_adapter
+
+    moved, destinations = await send_one(gw, signed)
+    assert destinations == ["customs"]
+    await second.wait_until(lambda: len(second.delivered_keys()) == 1)
+    assert second.delivered_keys() == [f"{moved}:customs"]
+    assert not old_closed.is_set()  # its one delivery is still waiting for the old agency
+
+    first.release()
+    await first.wait_until(lambda: len(first.delivered_keys()) == 1)
+    assert first.delivered_keys() == [f"{in_flight}:customs"]
+    await asyncio.wait_for(old_closed.wait(), DEADLINE)
+    for message_id in (in_flight, moved):
+        async with asyncio.timeout(DEADLINE):
+            while await state_of(gw, message_id, "customs") is not State.DELIVERED:  # noqa: ASYNC110 -- polls the ledger
+                await asyncio.sleep(0.01)
+
+
+async def test_a_changed_retry_policy_applies_to_the_next_attempt_and_keeps_the_adapter(
+    make_gateway: Callable[..., Any], agencies: Callable[..., Any], signed: Callable[..., bytes], tmp_path: Path
+) -> None:
+    down = await agencies(default=503)
+    path = write_rules(tmp_path / "rules.yaml", rules({"customs": down.url}))
+    gw = await make_gateway(routing_file=path)
+    await gw.gateway.start_worker()
+    reloader = gw.gateway.start_reloader(interval=3600)
+    adapter = gw.gateway.adapters["customs"]
+
+    retried, _ = await send_one(gw, signed)  # max_attempts 5: the first 503 schedules a retry
+    async with asyncio.timeout(DEADLINE):
+        while await state_of(gw, retried, "customs") is not State.RETRY_WAIT:  # noqa: ASYNC110 -- polls the ledger
+            await asyncio.sleep(0.01)
+
+    strict = rules({"customs": down.url})
+    strict["destinations"]["customs"]["retry"] = {**strict["destinations"]["customs"]["retry"], "max_attempts": 1}
+    write_rules(path, strict)
+    with capture_logs() as logs:
+        outcome = await reloader.check()
+    assert outcome is not None
+    assert outcome.changed == ("customs",)
+    reconfigured = [e for e in logs if e["event"] == "routing.destination_reconfigured"]
+    assert [(e["settings"], e["new_adapter"]) for e in reconfigured] == [(["retry"], False)]
+    assert gw.gateway.adapters["customs"] is adapter
+
+    dead, _ = await send_one(gw, signed)  # one attempt allowed now: the first 503 is the last
+    async with asyncio.timeout(DEADLINE):
+        while await state_of(gw, dead, "customs") is not State.DEAD:  # noqa: ASYNC110 -- polls the ledger
+            await asyncio.sleep(0.01)
+    assert sum(r.key == f"{dead}:customs" for r in down.requests) == 1
+
+
+async def test_naming_a_peer_in_the_rules_file_reconfigures_its_lane(
+    make_gateway: Callable[..., Any], agencies: Callable[..., Any], tmp_path: Path
+) -> None:
+    """asw:TH is delivered to with default options until the file names it (``adapter: asw``); a reload
+    that names it builds the peer adapter (it used to be refused as an unknown adapter kind) and puts it
+    on the lane the worker already consumes, without a second consumer of the same queue."""
+    gw, reloader, path, first, _second = await started(make_gateway, agencies, tmp_path)
+    assert "asw:TH" in gw.gateway.worker.destinations
+    default_adapter = gw.gateway.adapters["asw:TH"]
+    default_closed = spy_on_close(default_adapter)
+
+    named = rules({"first": first.url})
+    named["destinations"]["asw:TH"] = {"adapter": "asw", "timeout": 7, "max_in_flight": 2}
+    write_rules(path, named)
+    with capture_logs() as logs:
+        outcome = await reloader.check()
+    assert outcome is not None
+    assert outcome.ok, outcome.error
+    assert outcome.added == ("asw:TH",)
+    reconfigured = [e for e in logs if e["event"] == "routing.destination_reconfigured"]
+    assert [(e["destination"], e["new_adapter"]) for e in reconfigured] == [("asw:TH", True)]
+    assert gw.gateway.adapters["asw:TH"] is not default_adapter
+    assert reloader.workers == []  # no second consumer for asw:TH
+    await asyncio.wait_for(default_closed.wait(), DEADLINE)  # nothing was using it
+
+    broken = rules({"first": first.url})
+    broken["destinations"]["asw:TH"] = {"adapter": "asw", "timeout": "soon"}
+    write_rules(path, broken)
+    outcome = await reloader.check()
+    assert outcome is not None
+    assert not outcome.ok
+    assert "asw:TH" in (outcome.error or "")
+    assert "timeout" in (outcome.error or "")
