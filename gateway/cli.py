@@ -365,12 +365,10 @@ def cmd_audit_trace(args: argparse.Namespace) -> int:
 
 
 async def _with_broker(settings: Settings, action: Callable[[Any], Awaitable[int]]) -> int:
-    from gateway.runtime import broker_for, load_routing
+    from gateway.runtime import broker_for
 
     broker = broker_for(settings)
     await broker.start()
-    # RabbitMQ cannot list queues: declaring the configured destinations makes their dead queues known.
-    await broker.declare(list(load_routing(settings).destinations))
     try:
         return await action(broker)
     finally:
@@ -399,6 +397,16 @@ def cmd_dlq(args: argparse.Namespace) -> int:
 
     async def action(broker: Any) -> int:
         from gateway.dlq import replay_dead_letters
+        from gateway.runtime import load_routing
+
+        async def destinations(ledger: Any) -> list[str]:
+            if args.destination is not None:
+                return [args.destination]
+            # RabbitMQ cannot list queues, so every place a dead letter can be is named: the routed
+            # destinations, and every destination the ledger holds a DEAD copy for (a copy is recorded
+            # DEAD before it is dead-lettered): ASW peers the routing file does not list, destinations
+            # it no longer lists. Dead queues are read passively, never created.
+            return sorted({*load_routing(settings).destinations, *await ledger.dead_destinations()})
 
         if args.dlq_command == "replay":
             if args.id is None and args.destination is None and not args.all:
@@ -406,17 +414,23 @@ def cmd_dlq(args: argparse.Namespace) -> int:
                 return EXIT_USAGE
 
             async def replay(ledger: Any) -> int:
-                return await replay_dead_letters(broker, ledger, destination=args.destination, message_id=args.id)
+                moved = 0
+                for name in await destinations(ledger):
+                    moved += await replay_dead_letters(broker, ledger, destination=name, message_id=args.id)
+                return moved
 
             moved = await _with_ledger(settings, replay)
             print(f"replayed {moved} dead letter(s)")
             return EXIT_OK if moved else EXIT_REJECTED
-        records = await broker.list_dead(args.destination)
-        if args.id is not None:
-            records = [r for r in records if r.delivery.message_id == args.id]
-        for record in records:
-            print(json.dumps(_dead_letter_json(record, with_payload=args.dlq_command == "show")))
-        return EXIT_OK
+
+        async def listing(ledger: Any) -> int:
+            for name in await destinations(ledger):
+                for record in await broker.list_dead(name):
+                    if args.id is None or record.delivery.message_id == args.id:
+                        print(json.dumps(_dead_letter_json(record, with_payload=args.dlq_command == "show")))
+            return EXIT_OK
+
+        return await _with_ledger(settings, listing)
 
     return asyncio.run(_with_broker(settings, action))
 

@@ -354,6 +354,9 @@ class MetricsLedger:
     async def status(self, message_id: str) -> MessageStatus | None:
         return await self.inner.status(message_id)
 
+    async def dead_destinations(self) -> list[str]:
+        return await self.inner.dead_destinations()
+
     async def audit_tail(self, after_seq: int = 0, limit: int = 1000) -> list[AuditRecord]:
         return await self.inner.audit_tail(after_seq, limit)
 

@@ -79,6 +79,10 @@ class Ledger(Protocol):
 
     async def status(self, message_id: str) -> MessageStatus | None: ...
 
+    async def dead_destinations(self) -> list[str]:
+        """Every destination with at least one copy DEAD now, sorted (a full scan: for operator commands)."""
+        ...
+
     async def audit_tail(self, after_seq: int = 0, limit: int = 1000) -> list[AuditRecord]:
         """Audit records with seq > ``after_seq``, in seq order."""
         ...

@@ -166,6 +166,11 @@ class PostgresLedger(GroupCommitLedger):
                     return None
                 return message_status(row, await conn.fetch(SELECT_DESTINATIONS, [message_id]))
 
+    async def dead_destinations(self) -> list[str]:
+        with _unavailable("dead destinations"):
+            rows = await self._connected().fetch(sql.DEAD_DESTINATIONS)
+        return [str(r[0]) for r in rows]
+
     async def audit_tail(self, after_seq: int = 0, limit: int = 1000) -> list[AuditRecord]:
         with _unavailable("audit tail"):
             rows = await self._connected().fetch(AUDIT_AFTER, after_seq, limit)

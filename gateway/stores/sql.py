@@ -24,6 +24,8 @@ DESTINATIONS_WHERE_ID = (
     "FROM destinations WHERE message_id"
 )
 DELETE_MESSAGES_WHERE_ID = "DELETE FROM messages WHERE message_id"
+# A scan of the whole table, for operator commands: an index on state would cost every delivery a write.
+DEAD_DESTINATIONS = "SELECT DISTINCT destination FROM destinations WHERE state = 'DEAD' ORDER BY destination"
 
 
 @dataclass(frozen=True)

@@ -130,6 +130,9 @@ class SqliteLedger(GroupCommitLedger):
 
         return await self._read(read)
 
+    async def dead_destinations(self) -> list[str]:
+        return await self._read(lambda conn: [str(r[0]) for r in conn.execute(sql.DEAD_DESTINATIONS)])
+
     async def audit_tail(self, after_seq: int = 0, limit: int = 1000) -> list[AuditRecord]:
         return await self._read(
             lambda conn: [audit_from_row(r) for r in conn.execute(sql.AUDIT_AFTER, (after_seq, limit))]

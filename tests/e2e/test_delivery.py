@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -124,6 +125,53 @@ async def test_permanent_refusal_is_dead_lettered_at_once_then_replayed_by_an_op
     assert agency.delivered_keys() == [f"{message_id}:moit"]
     events = [e for e, d in await trail_events(gw, message_id) if d == "moit"]
     assert events.index("DEAD") < events.index("REPLAYED") < events.index("DELIVERED")
+
+
+@pytest.mark.rabbitmq
+async def test_dlq_list_finds_dead_letters_of_a_destination_the_routing_file_no_longer_names(
+    make_gateway: Callable[..., Any],
+    rabbit: Rabbit,
+    agencies: Callable[..., Any],
+    signed: Callable[..., bytes],
+    pki_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """RabbitMQ cannot list queues. A destination dropped from the routing file (or an ASW peer it never
+    named) still has its dead letters: `dlq list` finds them through the ledger's DEAD copies."""
+    gone = await agencies("moit", default=400)
+    kept = await agencies("customs")
+    gw = await start(make_gateway, rabbit, {"moit": gone, "customs": kept})
+    message_id = await send(gw, signed("licence.import"))
+    await wait_states(gw.gateway.ledger, message_id, {"moit": "DEAD", "customs": "DELIVERED"})
+
+    routing_file = write_routing(tmp_path / "routing.yaml", {"customs": kept})  # moit is gone
+    common = ["--certs", pki_dir, "--data", gw.settings.data_dir, "--routing", routing_file]
+
+    def cli(*args: Any) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            nswgw(*args, *common),
+            env=child_env(**rabbit.env()),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    listed = await asyncio.to_thread(cli, "dlq", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert [(r["message_id"], r["destination"], r["code"]) for r in map(json.loads, listed.stdout.splitlines())] == [
+        (message_id, "moit", "HTTP_400")
+    ]
+    again = await asyncio.to_thread(cli, "dlq", "list")  # listing leaves the dead letter where it was
+    assert again.stdout == listed.stdout
+
+    gone.default = 200
+    replayed = await asyncio.to_thread(cli, "dlq", "replay", "--all")
+    assert replayed.returncode == 0, replayed.stderr
+    assert "replayed 1 dead letter(s)" in replayed.stdout
+    await wait_states(gw.gateway.ledger, message_id, {"moit": "DELIVERED", "customs": "DELIVERED"})
+    empty = await asyncio.to_thread(cli, "dlq", "list")
+    assert (empty.returncode, empty.stdout) == (0, "")
 
 
 @pytest.mark.rabbitmq

@@ -231,6 +231,19 @@ async def test_an_operator_replay_reopens_a_dead_destination(ledger: Ledger) -> 
     assert (moit.state, moit.attempt, moit.generation) == (State.DELIVERED, 1, 1)
 
 
+async def test_dead_destinations_are_those_with_a_copy_dead_now(ledger: Ledger) -> None:
+    assert await ledger.dead_destinations() == []
+    await accepted(ledger, "m-1", ("moit", "customs", "asw:TH"))
+    await accepted(ledger, "m-2", ("moit",))
+    await ledger.record([Event(State.DEAD, "m-1", "moit", attempt=3), Event(State.DEAD, "m-2", "moit", attempt=3)])
+    await ledger.record([Event(State.DEAD, "m-1", "asw:TH", attempt=9)])
+    await ledger.record([Event(State.DELIVERED, "m-1", "customs", attempt=1)])
+    assert await ledger.dead_destinations() == ["asw:TH", "moit"]
+
+    await ledger.record([Event(State.REPLAYED, "m-1", "asw:TH", detail="operator")])  # no longer dead
+    assert await ledger.dead_destinations() == ["moit"]
+
+
 async def test_status_of_an_unknown_message_is_none(ledger: Ledger) -> None:
     assert await ledger.status("nobody") is None
 
