@@ -34,10 +34,15 @@ async def send_one(gw: RunningGateway, signed: Callable[..., bytes]) -> tuple[st
     return message_id, [d.destination for d in gw.broker.published[before:]]
 
 
-async def state_of(gw: RunningGateway, message_id: str, destination: str) -> State | None:
-    status = await gw.gateway.ledger.status(message_id)
-    entry = status.destinations.get(destination) if status is not None else None
-    return entry.state if entry is not None else None
+async def until_state(gw: RunningGateway, message_id: str, destination: str, state: State) -> None:
+    """Poll the ledger until the message's copy for ``destination`` is in ``state``."""
+    async with asyncio.timeout(DEADLINE):
+        while True:
+            status = await gw.gateway.ledger.status(message_id)
+            entry = status.destinations.get(destination) if status is not None else None
+            if entry is not None and entry.state is state:
+                return
+            await asyncio.sleep(0.01)
 
 
 def spy_on_close(adapter: Adapter) -> asyncio.Event:
@@ -203,9 +208,7 @@ async def test_a_changed_destination_takes_its_new_settings_without_restart(
     assert first.delivered_keys() == [f"{in_flight}:customs"]
     await asyncio.wait_for(old_closed.wait(), DEADLINE)
     for message_id in (in_flight, moved):
-        async with asyncio.timeout(DEADLINE):
-            while await state_of(gw, message_id, "customs") is not State.DELIVERED:  # noqa: ASYNC110 -- polls the ledger
-                await asyncio.sleep(0.01)
+        await until_state(gw, message_id, "customs", State.DELIVERED)
 
 
 async def test_a_changed_retry_policy_applies_to_the_next_attempt_and_keeps_the_adapter(
@@ -219,9 +222,7 @@ async def test_a_changed_retry_policy_applies_to_the_next_attempt_and_keeps_the_
     adapter = gw.gateway.adapters["customs"]
 
     retried, _ = await send_one(gw, signed)  # max_attempts 5: the first 503 schedules a retry
-    async with asyncio.timeout(DEADLINE):
-        while await state_of(gw, retried, "customs") is not State.RETRY_WAIT:  # noqa: ASYNC110 -- polls the ledger
-            await asyncio.sleep(0.01)
+    await until_state(gw, retried, "customs", State.RETRY_WAIT)
 
     strict = rules({"customs": down.url})
     strict["destinations"]["customs"]["retry"] = {**strict["destinations"]["customs"]["retry"], "max_attempts": 1}
@@ -235,9 +236,7 @@ async def test_a_changed_retry_policy_applies_to_the_next_attempt_and_keeps_the_
     assert gw.gateway.adapters["customs"] is adapter
 
     dead, _ = await send_one(gw, signed)  # one attempt allowed now: the first 503 is the last
-    async with asyncio.timeout(DEADLINE):
-        while await state_of(gw, dead, "customs") is not State.DEAD:  # noqa: ASYNC110 -- polls the ledger
-            await asyncio.sleep(0.01)
+    await until_state(gw, dead, "customs", State.DEAD)
     assert sum(r.key == f"{dead}:customs" for r in down.requests) == 1
 
 
