@@ -155,11 +155,10 @@ class Gateway:
             adapters[name] = build_peer_adapter(name, {}, context)
         return adapters
 
-    def adapter_for(self, destination: DestinationConfig, base_dir: Path | None = None) -> Adapter:
+    def adapter_for(self, destination: DestinationConfig) -> Adapter:
         """One destination's adapter, as ``build_adapters`` makes it (a routing reload's new or changed one)."""
-        base = base_dir or self.settings.data_dir
         return self._build_adapter(
-            destination.name, destination.adapter, destination.options, self._peer_context(), base
+            destination.name, destination.adapter, destination.options, self._peer_context(), self.settings.data_dir
         )
 
     def _peer_context(self) -> PeerContext:

@@ -50,6 +50,24 @@ async def start(
     return gw
 
 
+def cli_paths(pki_dir: Path, gw: RunningGateway, routing_file: Path) -> list[Any]:
+    """The options that point `nswgw` at a test gateway's certificates, data and rules file."""
+    return ["--certs", pki_dir, "--data", gw.settings.data_dir, "--routing", routing_file]
+
+
+async def operator_cli(rabbit: Rabbit, *args: Any) -> subprocess.CompletedProcess[str]:
+    """`nswgw ARGS` as an operator runs it, against the test's RabbitMQ, off the event loop."""
+    return await asyncio.to_thread(
+        subprocess.run,
+        nswgw(*args),
+        env=child_env(**rabbit.env()),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 async def send(gw: RunningGateway, body: bytes) -> str:
     response = await gw.post(body)
     assert response.status == 202, (await response.read())[:500]
@@ -98,27 +116,8 @@ async def test_permanent_refusal_is_dead_lettered_at_once_then_replayed_by_an_op
 
     agency.default = 200  # the agency fixes its side; the operator replays with the CLI
     routing_file = write_routing(tmp_path / "routing.yaml", {"moit": agency})
-    replay = await asyncio.to_thread(
-        subprocess.run,
-        nswgw(
-            "dlq",
-            "replay",
-            "--destination",
-            "moit",
-            "--id",
-            message_id,
-            "--certs",
-            pki_dir,
-            "--data",
-            gw.settings.data_dir,
-            "--routing",
-            routing_file,
-        ),
-        env=child_env(**rabbit.env()),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    replay = await operator_cli(
+        rabbit, "dlq", "replay", "--destination", "moit", "--id", message_id, *cli_paths(pki_dir, gw, routing_file)
     )
     assert replay.returncode == 0, replay.stderr
     await wait_states(gw.gateway.ledger, message_id, {"moit": "DELIVERED"})
@@ -145,32 +144,21 @@ async def test_dlq_list_finds_dead_letters_of_a_destination_the_routing_file_no_
     await wait_states(gw.gateway.ledger, message_id, {"moit": "DEAD", "customs": "DELIVERED"})
 
     routing_file = write_routing(tmp_path / "routing.yaml", {"customs": kept})  # moit is gone
-    common = ["--certs", pki_dir, "--data", gw.settings.data_dir, "--routing", routing_file]
-
-    def cli(*args: Any) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            nswgw(*args, *common),
-            env=child_env(**rabbit.env()),
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-
-    listed = await asyncio.to_thread(cli, "dlq", "list")
+    paths = cli_paths(pki_dir, gw, routing_file)
+    listed = await operator_cli(rabbit, "dlq", "list", *paths)
     assert listed.returncode == 0, listed.stderr
     assert [(r["message_id"], r["destination"], r["code"]) for r in map(json.loads, listed.stdout.splitlines())] == [
         (message_id, "moit", "HTTP_400")
     ]
-    again = await asyncio.to_thread(cli, "dlq", "list")  # listing leaves the dead letter where it was
+    again = await operator_cli(rabbit, "dlq", "list", *paths)  # listing leaves the dead letter where it was
     assert again.stdout == listed.stdout
 
     gone.default = 200
-    replayed = await asyncio.to_thread(cli, "dlq", "replay", "--all")
+    replayed = await operator_cli(rabbit, "dlq", "replay", "--all", *paths)
     assert replayed.returncode == 0, replayed.stderr
     assert "replayed 1 dead letter(s)" in replayed.stdout
     await wait_states(gw.gateway.ledger, message_id, {"moit": "DELIVERED", "customs": "DELIVERED"})
-    empty = await asyncio.to_thread(cli, "dlq", "list")
+    empty = await operator_cli(rabbit, "dlq", "list", *paths)
     assert (empty.returncode, empty.stdout) == (0, "")
 
 
