@@ -34,7 +34,7 @@ from typing import Any, Final, Protocol
 import aiohttp
 from lxml import etree
 
-from adapters.base import DeliveryReceipt
+from adapters.base import DeliveryReceipt, FileStamp, stamp_files
 from adapters.http import client_ssl_context, parse_retry_after
 from adapters.options import Options
 from gateway.envelope import NSMAP, format_datetime, parse_header, q
@@ -142,6 +142,7 @@ class HttpsPeerTransport:
             raise ValueError(f"endpoint {endpoint.url}: mutual TLS needs client_cert and client_key")
         self.url = endpoint.url
         self._settings = settings
+        self.loaded_files = stamp_files((endpoint.ca, endpoint.client_cert, endpoint.client_key))  # see stamp_files
         self._ssl = client_ssl_context(endpoint.ca, endpoint.client_cert, endpoint.client_key)
         self._session: aiohttp.ClientSession | None = None
 
@@ -210,6 +211,7 @@ class AswAdapter:
         self.peer = peer
         self.context = context
         self.transport = transport
+        self.loaded_files: tuple[FileStamp, ...] = getattr(transport, "loaded_files", ())  # the TLS files
         self.recipient = PartyRef(identity=peer.identity, name=peer.name or peer.identity, country_code=peer.country)
 
     def forward(self, delivery: Delivery) -> Forward:

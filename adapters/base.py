@@ -7,7 +7,10 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from gateway.model import Delivery
@@ -29,3 +32,35 @@ class Adapter(Protocol):
     async def deliver(self, delivery: Delivery) -> DeliveryReceipt: ...
 
     async def close(self) -> None: ...
+
+
+# What a file an adapter loaded looked like: (path, st_mtime_ns, st_size, st_ino), -1s when unreadable.
+FileStamp = tuple[str, int, int, int]
+
+
+def stamp_files(paths: Iterable[Path | str | None]) -> tuple[FileStamp, ...]:
+    """The files' stamps as they are now, for an adapter's ``loaded_files``.
+
+    An adapter that reads files when it is built (TLS certificates, keys, CA bundles) keeps their stamps,
+    taken *before* it reads them, in an attribute ``loaded_files``; a routing reload rebuilds it when
+    they no longer match (a certificate replaced in place). Stamping first means a file replaced while
+    it is read looks changed, so it is read again, never missed.
+    """
+    stamps: list[FileStamp] = []
+    for path in paths:
+        if path is None:
+            continue
+        try:
+            st = os.stat(path)
+        except OSError:
+            stamps.append((str(path), -1, -1, -1))
+        else:
+            stamps.append((str(path), st.st_mtime_ns, st.st_size, st.st_ino))
+    return tuple(stamps)
+
+
+def changed_files(adapter: Adapter) -> list[str]:
+    """The files ``adapter`` loaded (``loaded_files``) that have changed since; [] for adapters that load none."""
+    loaded: tuple[FileStamp, ...] = getattr(adapter, "loaded_files", ())
+    now = stamp_files(stamp[0] for stamp in loaded)
+    return [then[0] for then, current in zip(loaded, now, strict=True) if then != current]

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import aiohttp
 import httpx
 
-from adapters.base import DeliveryReceipt
+from adapters.base import DeliveryReceipt, stamp_files
 from adapters.options import Options
 from gateway.errors import PermanentFailure, TransientFailure
 from gateway.model import Delivery
@@ -231,6 +231,7 @@ class HttpAdapter:
         self.name = name
         self.url = url
         self._timeout = timeout
+        self.loaded_files = stamp_files((ca, client_cert, client_key))  # before they are read: see stamp_files
         self._settings = ClientSettings(
             connect_timeout=connect_timeout,
             read_timeout=timeout,

@@ -1,11 +1,14 @@
 """Routing hot reload: on SIGHUP or when the rules file changes, load -> check -> swap, or keep the old rules.
 
 The watcher polls the file's (mtime, size, inode) every ``interval`` seconds -- no extra dependency --
-and SIGHUP (``request``) forces a reload even when the file looks unchanged. A reload:
+and SIGHUP (``request``) forces a reload even when the file looks unchanged. It polls the files the
+running adapters loaded as well (TLS certificates, keys, CA bundles: ``adapters.base.stamp_files``), so a
+certificate replaced in place is picked up without touching the rules file. A reload:
 
 1. loads and checks the file (``RoutingTable.load``: every fault is a ``ConfigError`` naming the rule);
 2. when this process runs a worker, builds the adapters of destinations the file adds, and new adapters
-   for existing destinations whose adapter or options changed (a bad adapter option is refused here too);
+   for existing destinations whose adapter or options changed or whose loaded files changed since they
+   were built (a bad adapter option, or a certificate that does not match its key, is refused here too);
 3. declares the new destinations' queues on the broker;
 4. swaps the table in one assignment (``admission.routing``): a message being admitted sees either
    the old table or the new one, never a mix; in the same step, with no await in between, every
@@ -19,7 +22,8 @@ Any failure in 1-3 keeps the old rules and logs ``routing.reload_rejected`` with
 file that failed is not retried until it changes again (or SIGHUP). What a reload does NOT do: stop
 consuming a removed destination (its queue keeps draining with its last settings, which is what one
 wants for messages already accepted; ``routing.reload_needs_restart`` lists them). Restart the
-workers to stop those.
+workers to stop those. A certificate rotated half-way (the new certificate, the old key) is refused like
+any bad option and tried again when the files change again: the old adapter keeps delivering meanwhile.
 """
 
 from __future__ import annotations
@@ -27,15 +31,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import structlog
 
-from adapters.base import Adapter
+from adapters.asw import ASW_KIND
+from adapters.base import Adapter, FileStamp, changed_files, stamp_files
 from gateway.errors import BrokerUnavailable, ConfigError
+from gateway.policy import BreakerPolicy, RetryPolicy
 from gateway.worker import Worker
 from routing.config import DestinationConfig
 from routing.engine import RoutingTable
@@ -57,6 +63,7 @@ class ReloadOutcome:
     added: tuple[str, ...] = ()
     removed: tuple[str, ...] = ()
     changed: tuple[str, ...] = ()  # existing destinations whose settings differ: applied to new attempts
+    rotated: tuple[str, ...] = ()  # destinations whose adapter was rebuilt because the files it loaded changed
 
 
 class RoutingReloader:
@@ -73,6 +80,7 @@ class RoutingReloader:
         self.interval = interval
         self._on_outcome = on_outcome
         self._seen = self._signature()
+        self._files_seen: tuple[FileStamp, ...] = ()  # changed adapter files a reload last tried
         self._poke = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._waiters: list[asyncio.Future[ReloadOutcome]] = []
@@ -112,10 +120,14 @@ class RoutingReloader:
                     log.warning("routing.rules_file_missing", file=str(self.path), kept=self.gateway.routing.source)
                 self._seen = None
                 return None
-            if not force and signature == self._seen:
+            files = stamp_files(sorted({path for paths in self._rotated().values() for path in paths}))
+            if not force and signature == self._seen and files == self._files_seen:
                 return None
-            self._seen = signature  # a faulty file is not retried until it changes again
+            # A faulty file (rules, or an adapter's certificate) is not retried until it changes again.
+            self._seen, self._files_seen = signature, files
             outcome = await self._reload()
+            if outcome.ok:
+                self._files_seen = ()
         self.gateway.metrics.reloads.labels(outcome="ok" if outcome.ok else "error").inc()
         waiters, self._waiters = self._waiters, []
         for future in waiters:
@@ -157,14 +169,17 @@ class RoutingReloader:
         kept = set(new.destinations) & set(old.destinations)
         changed = tuple(sorted(n for n in kept if new.destinations[n] != old.destinations[n]))
         workers = self._workers()
-        # A destination some worker here already has a lane for (changed, or a peer delivered to with
-        # default options until the file named it) is reconfigured there; the others get new lanes.
-        retuned = {name: w for name in (*changed, *added) for w in workers if name in w.destinations}
+        rotated = self._rotated() if workers else {}
+        # A destination some worker here already has a lane for (changed, rotated, or a peer delivered to
+        # with default options until the file named it) is reconfigured there; the others get new lanes.
+        retuned = {name: w for name in (*changed, *added, *rotated) for w in workers if name in w.destinations}
         fresh: dict[str, Adapter] = {}  # for new lanes
-        replacing: dict[str, Adapter] = {}  # for existing lanes whose adapter settings changed
+        replacing: dict[str, Adapter] = {}  # for existing lanes whose adapter settings or files changed
         try:
             if workers:
-                fresh, replacing = await self._new_adapters(new, old, [n for n in added if n not in retuned], retuned)
+                fresh, replacing = await self._new_adapters(
+                    new, old, [n for n in added if n not in retuned], retuned, rotated
+                )
             await gw.broker.declare(list(added))
         except (ConfigError, BrokerUnavailable) as exc:
             await _close_all([*fresh.values(), *replacing.values()])
@@ -174,8 +189,11 @@ class RoutingReloader:
         gw.pipeline.admission.routing = new
         gw.routing = new
         for name, worker in retuned.items():
-            dest = new.destinations[name]
-            worker.reconfigure(name, replacing.get(name), dest.retry, dest.breaker)
+            dest = new.destinations.get(name)  # None: a removed destination or an unnamed peer, rotated
+            if dest is None:
+                worker.reconfigure(name, replacing.get(name))  # its policies stay as they are
+            else:
+                worker.reconfigure(name, replacing.get(name), dest.retry, dest.breaker)
         gw.adapters.update(replacing)
         if fresh:
             try:
@@ -193,12 +211,15 @@ class RoutingReloader:
             added=list(added),
             removed=list(removed),
             changed=list(changed),
+            rotated=sorted(rotated),
         )
         for name in sorted(retuned):
+            dest = new.destinations.get(name)
             log.info(
                 "routing.destination_reconfigured",
                 destination=name,
-                settings=_changed_settings(new.destinations[name], old.destinations.get(name)),
+                settings=_changed_settings(dest, old.destinations.get(name)) if dest else [],
+                files=rotated.get(name, []),
                 new_adapter=name in replacing,
             )
         if removed and workers:
@@ -208,25 +229,36 @@ class RoutingReloader:
                 detail="running workers keep draining the queues of removed destinations, with their last "
                 "settings, until they restart",
             )
-        return ReloadOutcome(True, source, None, added, removed, changed)
+        return ReloadOutcome(True, source, None, added, removed, changed, tuple(sorted(rotated)))
 
     async def _new_adapters(
-        self, new: RoutingTable, old: RoutingTable, lanes: list[str], retuned: Iterable[str]
+        self,
+        new: RoutingTable,
+        old: RoutingTable,
+        lanes: list[str],
+        retuned: Iterable[str],
+        rotated: Mapping[str, list[str]],
     ) -> tuple[dict[str, Adapter], dict[str, Adapter]]:
         """Adapters for the new ``lanes``, and replacements for the ``retuned`` destinations whose adapter
-        settings changed; a bad option raises ``ConfigError`` and leaves none of them open."""
+        settings or loaded files changed; a bad option raises ``ConfigError`` and leaves none of them open."""
         fresh: dict[str, Adapter] = {}
         replacing: dict[str, Adapter] = {}
         try:
             for name in lanes:
                 fresh[name] = self.gateway.adapter_for(new.destinations[name])
             for name in retuned:
-                if _adapter_settings_differ(new.destinations[name], old.destinations.get(name)):
-                    replacing[name] = self.gateway.adapter_for(new.destinations[name])
+                dest = new.destinations.get(name) or old.destinations.get(name) or _unnamed_peer(name)
+                if name in rotated or _adapter_settings_differ(dest, old.destinations.get(name)):
+                    replacing[name] = self.gateway.adapter_for(dest)
         except ConfigError:
             await _close_all([*fresh.values(), *replacing.values()])
             raise
         return fresh, replacing
+
+    def _rotated(self) -> dict[str, list[str]]:
+        """Destinations whose running adapter loaded files that have changed since, with those files."""
+        rotated = {name: changed_files(adapter) for name, adapter in self.gateway.adapters.items()}
+        return {name: files for name, files in rotated.items() if files}
 
     def _workers(self) -> list[Worker]:
         main = self.gateway.worker
@@ -251,6 +283,11 @@ async def _close_all(adapters: list[Adapter]) -> None:
             await adapter.close()
         except Exception:  # a reload that is already being refused must still report why
             log.exception("routing.adapter_close_failed", adapter=repr(adapter))
+
+
+def _unnamed_peer(name: str) -> DestinationConfig:
+    """An ASW peer the rules file does not name: delivered to with the default options (``build_adapters``)."""
+    return DestinationConfig(name, ASW_KIND, {}, RetryPolicy(), BreakerPolicy())
 
 
 def _adapter_settings_differ(new: DestinationConfig, old: DestinationConfig | None) -> bool:

@@ -106,18 +106,25 @@ class Worker:
         return frozenset(self._lanes)
 
     def reconfigure(
-        self, destination: str, adapter: Adapter | None, retry: RetryPolicy, breaker: BreakerPolicy
+        self,
+        destination: str,
+        adapter: Adapter | None,
+        retry: RetryPolicy | None = None,
+        breaker: BreakerPolicy | None = None,
     ) -> None:
         """New settings for ``destination`` from a routing reload, for every attempt that starts from now on.
 
         ``adapter`` (None: keep the current one) takes over at once; deliveries already talking to the
         old adapter finish with it, and it is closed when the last of them ends. A new adapter or a new
         breaker policy gets a fresh, closed circuit breaker: the old one counted another endpoint's
-        failures. Runs without awaiting, so no delivery sees half of the change.
+        failures. ``retry`` and ``breaker`` None keep the lane's. Runs without awaiting, so no delivery
+        sees half of the change.
         """
         lane = self._lanes.get(destination)
         if lane is None:
             raise ConfigError(f"worker: no adapter for destination {destination!r}")
+        retry = lane.retry if retry is None else retry
+        breaker = lane.breaker_policy if breaker is None else breaker
         if adapter is not None and adapter is not lane.adapter:
             old, lane.current = lane.current, _AdapterInUse(adapter)
             old.retired = True

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
-import ipaddress
 import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,10 +19,6 @@ import pytest
 import respx
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from adapters.base import Adapter, DeliveryReceipt
 from adapters.file import FileAdapter
@@ -32,6 +27,7 @@ from adapters.registry import ADAPTER_KINDS, build_adapter, register_adapter_kin
 from gateway.errors import ConfigError, PermanentFailure, TransientFailure
 from gateway.model import Delivery
 from gateway.retry import RetryAfterFailure, retry_after_of
+from tests.support.mtls import Pki, make_pki, peer_common_name
 
 URL = "https://agency.test/inbox"
 PAYLOAD = b'<?xml version="1.0"?>\n<Envelope xmlns="urn:nsw:envelope:1"><Header/></Envelope>'
@@ -401,72 +397,9 @@ async def test_the_environment_proxy_is_used_unless_exempted(
     assert proxied[-1] == f"127.0.0.1:{server.port} /inbox"
 
 
-@dataclass(frozen=True)
-class Pki:
-    ca: Path
-    server_context: ssl.SSLContext
-    client_cert: Path
-    client_key: Path
-    stranger_cert: Path
-    stranger_key: Path
-
-
-def _cert(
-    subject: str,
-    key: ec.EllipticCurvePrivateKey,
-    issuer: x509.Name | None,
-    signer: ec.EllipticCurvePrivateKey,
-    *,
-    ca: bool = False,
-    server: bool = False,
-) -> x509.Certificate:
-    now = dt.datetime.now(dt.UTC)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(issuer or name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if server:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
-        ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-    elif not ca:
-        builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-    return builder.sign(signer, hashes.SHA256())
-
-
-def _write(folder: Path, stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> tuple[Path, Path]:
-    cert_path, key_path = folder / f"{stem}.pem", folder / f"{stem}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return cert_path, key_path
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    folder = tmp_path_factory.mktemp("mtls")
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _cert("test agency CA", ca_key, None, ca_key, ca=True)
-    ca_path, _ = _write(folder, "ca", ca, ca_key)
-    server_key, client_key, stranger_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
-    server_cert, server_key_path = _write(
-        folder, "server", _cert("127.0.0.1", server_key, ca.subject, ca_key, server=True), server_key
-    )
-    client_cert, client_key_path = _write(folder, "client", _cert("nsw", client_key, ca.subject, ca_key), client_key)
-    stranger = _cert("stranger", stranger_key, None, stranger_key)  # self-signed: not from the agency's CA
-    stranger_cert, stranger_key_path = _write(folder, "stranger", stranger, stranger_key)
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(ca_path))
-    context.load_cert_chain(server_cert, server_key_path)
-    context.verify_mode = ssl.CERT_REQUIRED
-    return Pki(ca_path, context, client_cert, client_key_path, stranger_cert, stranger_key_path)
+    return make_pki(tmp_path_factory.mktemp("mtls"))
 
 
 @pytest.mark.parametrize("client", sorted(HTTP_CLIENTS))
@@ -474,8 +407,7 @@ async def test_mutual_tls(serve: ServerFactory, pki: Pki, client: str, tmp_path:
     peers: list[str] = []
 
     async def inbox(request: web.Request) -> web.Response:
-        peer = request.transport.get_extra_info("peercert") if request.transport else None
-        peers.append(str(peer and dict(x[0] for x in peer["subject"])["commonName"]))
+        peers.append(str(peer_common_name(request.transport)))
         return web.Response(text="ok")
 
     server = await serve(inbox, pki.server_context)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,6 +16,7 @@ import yaml
 from lxml import etree
 
 from adapters.asw import AswAdapter, PeerAnswer, PeerContext, build_peer_adapter
+from adapters.base import changed_files
 from gateway.config import Settings
 from gateway.crossborder_demo import (
     client_tls,
@@ -309,6 +311,21 @@ def test_a_peer_destination_finds_its_peer_in_the_registry(dirs: PairDirs, tmp_p
     assert built.peer.identity == "TH-NSW"
     named = build_peer_adapter("thailand", {"peer": "TH-NSW"}, _context(dirs, tmp_path))
     assert named.peer.identity == "TH-NSW"
+
+
+def test_a_peer_adapter_notices_its_tls_files_changing(dirs: PairDirs, tmp_path: Path) -> None:
+    """What a routing reload relies on to rebuild a peer's adapter after a certificate rotation in place."""
+    built = build_peer_adapter("asw:TH", {}, _context(dirs, tmp_path))
+    endpoint = built.peer.endpoint
+    assert endpoint is not None
+    assert endpoint.client_cert is not None
+    assert [stamp[0] for stamp in built.loaded_files] == [
+        str(p) for p in (endpoint.ca, endpoint.client_cert, endpoint.client_key) if p is not None
+    ]
+    assert changed_files(built) == []
+    st = endpoint.client_cert.stat()
+    os.utime(endpoint.client_cert, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # as if rewritten
+    assert changed_files(built) == [str(endpoint.client_cert)]
 
 
 @pytest.mark.parametrize(

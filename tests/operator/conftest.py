@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
@@ -14,8 +15,10 @@ from tests.support.agency import Agency
 async def agencies() -> AsyncIterator[Callable[..., Any]]:
     started: list[Agency] = []
 
-    async def start(answers: Iterable[int | str] = (), default: int = 200) -> Agency:
-        agency = await Agency("agency", answers, default).start()
+    async def start(
+        answers: Iterable[int | str] = (), default: int = 200, *, tls: ssl.SSLContext | None = None
+    ) -> Agency:
+        agency = await Agency("agency", answers, default, tls=tls).start()
         started.append(agency)
         return agency
 

@@ -18,6 +18,7 @@ from gateway.reload import ReloadOutcome, RoutingReloader
 from tests.conftest import RunningGateway
 from tests.operator.helpers import DEADLINE, rules, scrape, value, write_rules
 from tests.support.agency import Agency
+from tests.support.mtls import make_pki
 
 
 async def send(gw: RunningGateway, signed: Callable[..., bytes]) -> list[str]:
@@ -273,3 +274,57 @@ async def test_naming_a_peer_in_the_rules_file_reconfigures_its_lane(
     assert not outcome.ok
     assert "asw:TH" in (outcome.error or "")
     assert "timeout" in (outcome.error or "")
+
+
+async def test_a_client_certificate_replaced_in_place_is_picked_up(
+    make_gateway: Callable[..., Any], agencies: Callable[..., Any], signed: Callable[..., bytes], tmp_path: Path
+) -> None:
+    """Mutual TLS to a real loopback agency. The client certificate and key are replaced under the same
+    paths, the way certificate tooling renews them; the rules file is not touched. The poll notices, and
+    the next delivery presents the new certificate. A half-done rotation (the new certificate with the
+    old key) is refused, keeps the old adapter delivering, and is not retried until the files change."""
+    pki = make_pki(tmp_path)
+    agency = await agencies(tls=pki.server_context)
+    data = rules({"secure": agency.url})
+    data["destinations"]["secure"].update(
+        ca=str(pki.ca), client_cert=str(pki.client_cert), client_key=str(pki.client_key)
+    )
+    gw = await make_gateway(routing_file=write_rules(tmp_path / "rules.yaml", data))
+    await gw.gateway.start_worker()
+    reloader = gw.gateway.start_reloader(interval=3600)  # check() is the poll
+    old = gw.gateway.adapters["secure"]
+    old_closed = spy_on_close(old)
+
+    async def delivered_with() -> str | None:
+        message_id, _ = await send_one(gw, signed)
+        await until_state(gw, message_id, "secure", State.DELIVERED)
+        return next(r.client for r in agency.requests if r.key == f"{message_id}:secure")
+
+    assert await delivered_with() == "nsw"
+    assert await reloader.check() is None  # nothing changed: no reload
+
+    (tmp_path / "renewed").mkdir()
+    renewed_cert, renewed_key = pki.client(tmp_path / "renewed", "client", "nsw-renewed")
+    os.replace(renewed_cert, pki.client_cert)  # a new inode, as an atomic rename by cert tooling makes
+    outcome = await reloader.check()
+    assert outcome is not None
+    assert not outcome.ok
+    assert "'secure'" in (outcome.error or "")
+    assert "could not be loaded for TLS" in (outcome.error or "")
+    assert gw.gateway.adapters["secure"] is old
+    assert await reloader.check() is None  # the same half-done files are not tried again
+    assert await delivered_with() == "nsw"  # the old adapter holds the old pair in memory
+
+    pki.client_key.write_bytes(renewed_key.read_bytes())  # rewritten in place: same inode
+    with capture_logs() as logs:
+        outcome = await reloader.check()
+    assert outcome is not None
+    assert outcome.ok, outcome.error
+    assert (outcome.rotated, outcome.changed) == (("secure",), ())
+    [event] = [e for e in logs if e["event"] == "routing.destination_reconfigured"]
+    assert (event["destination"], event["new_adapter"]) == ("secure", True)
+    assert sorted(event["files"]) == sorted([str(pki.client_cert), str(pki.client_key)])
+    assert gw.gateway.adapters["secure"] is not old
+    await asyncio.wait_for(old_closed.wait(), DEADLINE)
+    assert await delivered_with() == "nsw-renewed"
+    assert await reloader.check() is None  # rebuilt from the files as they are: nothing left to do

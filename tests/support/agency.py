@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ssl
 from collections.abc import Iterable
 
 from aiohttp import web
+
+from tests.support.mtls import peer_common_name
 
 WAIT = 30.0  # a deadline for things that must happen, never a measurement
 
@@ -21,11 +24,20 @@ class Request:
     key: str
     status: int
     body: bytes
+    client: str | None = None  # the commonName of the TLS client certificate it came with
 
 
 class Agency:
-    def __init__(self, name: str = "agency", answers: Iterable[int | str] = (), default: int = 200) -> None:
+    def __init__(
+        self,
+        name: str = "agency",
+        answers: Iterable[int | str] = (),
+        default: int = 200,
+        *,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.name = name
+        self.tls = tls
         self.answers: list[int | str] = list(answers)
         self.default = default
         self.requests: list[Request] = []
@@ -37,7 +49,7 @@ class Agency:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/inbox"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}/inbox"
 
     def delivered_keys(self) -> list[str]:
         return [r.key for r in self.requests if 200 <= r.status < 300]
@@ -52,7 +64,8 @@ class Agency:
             self.hanging -= 1
             answer = self.answers.pop(0) if self.answers else self.default
         status = int(answer)
-        self.requests.append(Request(request.headers.get("Idempotency-Key", ""), status, body))
+        client = peer_common_name(request.transport)
+        self.requests.append(Request(request.headers.get("Idempotency-Key", ""), status, body, client))
         self._changed.set()
         return web.Response(status=status, text=f"{self.name}: {status}")
 
@@ -71,7 +84,7 @@ class Agency:
         app.router.add_post("/inbox", self._handle)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=self.tls)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         return self
