@@ -66,6 +66,7 @@ async def _serve(
     from gateway.ingress import create_app
     from gateway.metrics import GatewayMetrics, start_metrics_server
     from gateway.runtime import Gateway
+    from gateway.server_tls import ServerTls
 
     metrics = GatewayMetrics(multiprocess_dir=multiprocess_dir)
     gw = await Gateway.open(settings, metrics=metrics)
@@ -80,8 +81,13 @@ async def _serve(
     try:
         if worker:
             await gw.start_worker()
-        # Routing hot reload (gateway/reload.py): the rules file is polled; SIGHUP reloads at once.
-        loop.add_signal_handler(signal.SIGHUP, gw.start_reloader().request)
+        # Routing hot reload (gateway/reload.py): the rules file is polled; SIGHUP reloads at once. The
+        # ingress's certificate files are polled with it (gateway/server_tls.py).
+        reloader = gw.start_reloader()
+        loop.add_signal_handler(signal.SIGHUP, reloader.request)
+        tls = ServerTls.from_settings(settings) if ingress else None
+        if tls is not None:
+            reloader.also_poll(tls.renew_if_changed)
         if metrics_port is not None:
             host = metrics_host or settings.host
             with _listening("metrics", host, metrics_port):
@@ -92,7 +98,11 @@ async def _serve(
             runner = web.AppRunner(create_app(gw), handle_signals=False)
             await runner.setup()
             site = web.TCPSite(
-                runner, settings.host, settings.port, ssl_context=_ssl_context(settings), reuse_port=reuse_port or None
+                runner,
+                settings.host,
+                settings.port,
+                ssl_context=tls.context if tls is not None else None,
+                reuse_port=reuse_port or None,
             )
             with _listening("ingress", settings.host, settings.port):
                 await site.start()
@@ -119,19 +129,6 @@ def _listening(what: str, host: str, port: int) -> Iterator[None]:
         yield
     except OSError as exc:
         raise ConfigError(f"cannot listen for {what} on {host}:{port}: {exc.strerror or exc}") from exc
-
-
-def _ssl_context(settings: Settings) -> Any:
-    if settings.tls_cert is None or settings.tls_key is None:
-        return None
-    import ssl
-
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(settings.tls_cert, settings.tls_key)
-    if settings.tls_client_ca is not None:
-        context.load_verify_locations(settings.tls_client_ca)
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -86,6 +86,7 @@ class RoutingReloader:
         self._waiters: list[asyncio.Future[ReloadOutcome]] = []
         self._lock = asyncio.Lock()
         self.workers: list[Worker] = []  # consumers started for destinations added by a reload
+        self._also: list[Callable[[], object]] = []
 
     def start(self) -> None:
         if self._task is None:
@@ -100,6 +101,11 @@ class RoutingReloader:
         workers, self.workers = self.workers, []
         for worker in workers:
             await worker.stop()
+
+    def also_poll(self, check: Callable[[], object]) -> None:
+        """Call ``check`` on every poll and SIGHUP too, before the rules (the ingress's certificate:
+        ``gateway.server_tls``). It must not block; what it raises is logged and the watcher goes on."""
+        self._also.append(check)
 
     def request(self) -> None:
         """Reload at once, changed or not (the SIGHUP handler)."""
@@ -144,6 +150,11 @@ class RoutingReloader:
                     await self._poke.wait()
             forced = self._poke.is_set()
             self._poke.clear()
+            for check in self._also:
+                try:
+                    check()
+                except Exception:
+                    log.exception("reload.poll_failed", check=repr(check))
             try:
                 await self.check(force=forced)
             except Exception:  # the watcher must outlive any one reload; the old rules stay in force

@@ -304,7 +304,7 @@ async def test_a_client_certificate_replaced_in_place_is_picked_up(
     assert await reloader.check() is None  # nothing changed: no reload
 
     (tmp_path / "renewed").mkdir()
-    renewed_cert, renewed_key = pki.client(tmp_path / "renewed", "client", "nsw-renewed")
+    renewed_cert, renewed_key = pki.issue_pair(tmp_path / "renewed", "client", "nsw-renewed")
     os.replace(renewed_cert, pki.client_cert)  # a new inode, as an atomic rename by cert tooling makes
     outcome = await reloader.check()
     assert outcome is not None

@@ -16,11 +16,11 @@ import pytest
 from aiohttp import web
 
 from gateway.access import CERT_HEADER, SIGNATURE_HEADER, sign_status_query
-from gateway.cli import _ssl_context
 from gateway.events import Event
 from gateway.ingress import create_app
 from gateway.model import State
 from gateway.security.sign import load_cert_chain, load_private_key
+from gateway.server_tls import ServerTls
 from tests.conftest import RunningGateway
 
 TOKEN = "operator-secret-token"
@@ -167,7 +167,9 @@ async def tls_gateway(make_gateway: Callable[..., Any], pki_dir: Path, tmp_path:
     )
     runner = web.AppRunner(create_app(gw.gateway), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=_ssl_context(gw.settings))
+    tls = ServerTls.from_settings(gw.settings)
+    assert tls is not None
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls.context)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     try:

@@ -66,15 +66,15 @@ class Pki:
     ca_cert: x509.Certificate
     ca_key: ec.EllipticCurvePrivateKey
 
-    def client(self, folder: Path, stem: str, subject: str) -> tuple[Path, Path]:
-        """A further client certificate from the CA, written as ``stem.pem`` / ``stem.key``."""
+    def issue_pair(self, folder: Path, stem: str, subject: str, *, server: bool = False) -> tuple[Path, Path]:
+        """A further certificate from the CA (a client one unless ``server``), as ``stem.pem`` / ``stem.key``."""
         key = ec.generate_private_key(ec.SECP256R1())
-        return write_pem(folder, stem, issue(subject, key, self.ca_cert.subject, self.ca_key), key)
+        return write_pem(folder, stem, issue(subject, key, self.ca_cert.subject, self.ca_key, server=server), key)
 
 
-def make_pki(folder: Path) -> Pki:
+def make_pki(folder: Path, ca_name: str = "test agency CA") -> Pki:
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = issue("test agency CA", ca_key, None, ca_key, ca=True)
+    ca = issue(ca_name, ca_key, None, ca_key, ca=True)
     ca_path, _ = write_pem(folder, "ca", ca, ca_key)
     server_key, client_key, stranger_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
     server_cert, server_key_path = write_pem(
