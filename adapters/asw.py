@@ -214,6 +214,13 @@ class AswAdapter:
         self.loaded_files: tuple[FileStamp, ...] = getattr(transport, "loaded_files", ())  # the TLS files
         self.recipient = PartyRef(identity=peer.identity, name=peer.name or peer.identity, country_code=peer.country)
 
+    def endpoint_moved(self) -> bool:
+        """Whether the (reloaded) partner registry now gives this peer another endpoint than the one this
+        adapter was built for: a routing reload rebuilds it then. A peer gone from the registry is not
+        "moved": nothing could be built for it, and its receipts no longer verify anyway."""
+        current = self.context.verifier.partners.get(self.peer.identity)
+        return current is not None and current.endpoint is not None and current.endpoint != self.peer.endpoint
+
     def forward(self, delivery: Delivery) -> Forward:
         send_date = datetime.fromtimestamp(delivery.first_enqueued_at, UTC) if delivery.first_enqueued_at > 0 else None
         return forward_envelope(

@@ -71,22 +71,32 @@ class Party:
 
 
 class PartnerRegistry:
+    """Parties by identity and by certificate fingerprint. Shared by everything that checks a party;
+    ``adopt`` swaps in a reloaded registry's contents in one assignment, so a lookup sees the old
+    registry or the new one, never half of each."""
+
     def __init__(self, parties: Iterable[Party], *, source: str = "partner registry") -> None:
         self.source = source
-        self._parties: dict[str, Party] = {}
-        self._by_fingerprint: dict[str, Party] = {}
+        by_identity: dict[str, Party] = {}
+        by_fingerprint: dict[str, Party] = {}
         for party in parties:
-            if party.identity in self._parties:
+            if party.identity in by_identity:
                 raise ConfigError(f"{source}: party {party.identity} is defined twice")
-            self._parties[party.identity] = party
+            by_identity[party.identity] = party
             for fp in party.fingerprints:
-                other = self._by_fingerprint.get(fp)
+                other = by_fingerprint.get(fp)
                 if other is not None:
                     raise ConfigError(
                         f"{source}: certificate sha256 {fp} is bound to two parties, {other.identity} and "
                         f"{party.identity}; a certificate must speak for exactly one party"
                     )
-                self._by_fingerprint[fp] = party
+                by_fingerprint[fp] = party
+        self._index = (by_identity, by_fingerprint)
+
+    def adopt(self, reloaded: PartnerRegistry) -> None:
+        """Take ``reloaded``'s parties (a registry file read again) for every lookup from now on."""
+        self._index = reloaded._index
+        self.source = reloaded.source
 
     @classmethod
     def load(cls, path: Path) -> PartnerRegistry:
@@ -115,13 +125,13 @@ class PartnerRegistry:
         return cls(parties, source=source)
 
     def get(self, identity: str) -> Party | None:
-        return self._parties.get(identity)
+        return self._index[0].get(identity)
 
     def by_fingerprint(self, sha256_hex: str) -> Party | None:
-        return self._by_fingerprint.get(_normalise_fingerprint(sha256_hex))
+        return self._index[1].get(_normalise_fingerprint(sha256_hex))
 
     def parties(self) -> Iterable[Party]:
-        return self._parties.values()
+        return self._index[0].values()
 
     def authorities_for(self, document_type: str, country: str | None = None) -> list[Party]:
         """Parties whose Body signature is the issuing authority's for ``document_type``, optionally
@@ -129,7 +139,7 @@ class PartnerRegistry:
         return sorted(
             (
                 p
-                for p in self._parties.values()
+                for p in self._index[0].values()
                 if document_type in p.authority_for and (country is None or p.country == country)
             ),
             key=lambda p: p.identity,

@@ -3,7 +3,9 @@
 The watcher polls the file's (mtime, size, inode) every ``interval`` seconds -- no extra dependency --
 and SIGHUP (``request``) forces a reload even when the file looks unchanged. It polls the files the
 running adapters loaded as well (TLS certificates, keys, CA bundles: ``adapters.base.stamp_files``), so a
-certificate replaced in place is picked up without touching the rules file. A reload:
+certificate replaced in place is picked up without touching the rules file; an ASW peer whose
+endpoint the partner registry changed counts as such a change too (the registry itself is reloaded by
+``gateway.trust_reload``, which ``also_poll`` runs first in the same poll). A reload:
 
 1. loads and checks the file (``RoutingTable.load``: every fault is a ``ConfigError`` naming the rule);
 2. when this process runs a worker, builds the adapters of destinations the file adds, and new adapters
@@ -38,7 +40,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from adapters.asw import ASW_KIND
+from adapters.asw import ASW_KIND, AswAdapter
 from adapters.base import Adapter, FileStamp, changed_files, stamp_files
 from gateway.errors import BrokerUnavailable, ConfigError
 from gateway.policy import BreakerPolicy, RetryPolicy
@@ -267,9 +269,16 @@ class RoutingReloader:
         return fresh, replacing
 
     def _rotated(self) -> dict[str, list[str]]:
-        """Destinations whose running adapter loaded files that have changed since, with those files."""
-        rotated = {name: changed_files(adapter) for name, adapter in self.gateway.adapters.items()}
-        return {name: files for name, files in rotated.items() if files}
+        """Destinations whose running adapter loaded files that have changed since, with those files; an
+        ASW peer whose endpoint the partner registry changed names the registry file."""
+        rotated: dict[str, list[str]] = {}
+        for name, adapter in self.gateway.adapters.items():
+            files = changed_files(adapter)
+            if isinstance(adapter, AswAdapter) and adapter.endpoint_moved():
+                files.append(str(self.gateway.settings.partners_path))
+            if files:
+                rotated[name] = files
+        return rotated
 
     def _workers(self) -> list[Worker]:
         main = self.gateway.worker

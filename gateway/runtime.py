@@ -38,6 +38,7 @@ from gateway.security.trust import TrustStore
 from gateway.security.verify import Verifier
 from gateway.stores.base import Ledger
 from gateway.stores.factory import make_ledger
+from gateway.trust_reload import TrustReloader
 from gateway.validation import DocumentTypeRegistry, Validator
 from gateway.worker import Worker
 from routing.config import DestinationConfig
@@ -82,6 +83,7 @@ class Gateway:
     adapters: dict[str, Adapter] = field(default_factory=dict)
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
     reloader: RoutingReloader | None = None
+    trust_reloader: TrustReloader | None = None  # polled by the reloader: new CRLs, anchors, registry
 
     @classmethod
     async def open(
@@ -191,9 +193,13 @@ class Gateway:
         return {name: state for worker in workers for name, state in worker.breaker_states().items()}
 
     def start_reloader(self, *, interval: float = DEFAULT_INTERVAL) -> RoutingReloader:
-        """Watch the routing rules file (and honour ``reloader.request()``, e.g. from SIGHUP)."""
+        """Watch the routing rules file, the trust directory and the partner registry (gateway/reload.py,
+        gateway/trust_reload.py), and honour ``reloader.request()``, e.g. from SIGHUP."""
         if self.reloader is None:
             self.reloader = RoutingReloader(self, self.settings.routing_file or default_rules_path(), interval=interval)
+            if self.trust.source is not None:
+                self.trust_reloader = TrustReloader(self.trust, self.partners, self.settings.partners_path)
+                self.reloader.also_poll(self.trust_reloader.check)
             self.reloader.start()
         return self.reloader
 
