@@ -65,7 +65,7 @@ class ReloadOutcome:
     added: tuple[str, ...] = ()
     removed: tuple[str, ...] = ()
     changed: tuple[str, ...] = ()  # existing destinations whose settings differ: applied to new attempts
-    rotated: tuple[str, ...] = ()  # destinations whose adapter was rebuilt because the files it loaded changed
+    rotated: tuple[str, ...] = ()  # adapters rebuilt because files they loaded (or a peer's endpoint) changed
 
 
 class RoutingReloader:
@@ -106,7 +106,8 @@ class RoutingReloader:
 
     def also_poll(self, check: Callable[[], object]) -> None:
         """Call ``check`` on every poll and SIGHUP too, before the rules (the ingress's certificate:
-        ``gateway.server_tls``). It must not block; what it raises is logged and the watcher goes on."""
+        ``gateway.server_tls``; trust and the partner registry: ``gateway.trust_reload``). It must not
+        block; what it raises is logged and the watcher goes on."""
         self._also.append(check)
 
     def request(self) -> None:
