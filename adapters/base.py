@@ -59,8 +59,12 @@ def stamp_files(paths: Iterable[Path | str | None]) -> tuple[FileStamp, ...]:
     return tuple(stamps)
 
 
+def changed_paths(then: Iterable[FileStamp], now: Iterable[FileStamp]) -> list[str]:
+    """The paths whose stamps differ between two stampings, files that appeared or went included; sorted."""
+    return sorted({stamp[0] for stamp in set(then) ^ set(now)})
+
+
 def changed_files(adapter: Adapter) -> list[str]:
     """The files ``adapter`` loaded (``loaded_files``) that have changed since; [] for adapters that load none."""
     loaded: tuple[FileStamp, ...] = getattr(adapter, "loaded_files", ())
-    now = stamp_files(stamp[0] for stamp in loaded)
-    return [then[0] for then, current in zip(loaded, now, strict=True) if then != current]
+    return changed_paths(loaded, stamp_files(stamp[0] for stamp in loaded))

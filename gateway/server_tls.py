@@ -27,7 +27,7 @@ from pathlib import Path
 
 import structlog
 
-from adapters.base import FileStamp, stamp_files
+from adapters.base import FileStamp, changed_paths, stamp_files
 from gateway.config import Settings
 
 log = structlog.get_logger("nsw.tls")
@@ -68,7 +68,7 @@ class ServerTls:
         stamps = self._stamp()
         if stamps == self._stamps:
             return False
-        changed = [now[0] for now, then in zip(stamps, self._stamps, strict=True) if now != then]
+        changed = changed_paths(self._stamps, stamps)
         self._stamps = stamps  # a refused renewal is not retried until the files change again
         try:
             files = self._read()

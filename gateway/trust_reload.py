@@ -25,7 +25,7 @@ from pathlib import Path
 
 import structlog
 
-from adapters.base import FileStamp, stamp_files
+from adapters.base import FileStamp, changed_paths, stamp_files
 from gateway.errors import ConfigError
 from gateway.partners import PartnerRegistry
 from gateway.security.trust import TrustStore
@@ -52,7 +52,7 @@ class TrustReloader:
         stamps = self._stamp()
         if stamps == self._seen:
             return False
-        changed = sorted({s[0] for s in set(stamps) ^ set(self._seen)})
+        changed = changed_paths(self._seen, stamps)
         self._seen = stamps  # a faulty set of files is not retried until it changes again
         try:
             registry = PartnerRegistry.load(self.registry_path)
