@@ -32,8 +32,6 @@ from gateway.security.trust import TrustStore
 
 log = structlog.get_logger("nsw.trust")
 
-TRUST_FOLDERS = ("anchors", "intermediates", "crl")
-
 
 class TrustReloader:
     def __init__(self, trust: TrustStore, partners: PartnerRegistry, registry_path: Path) -> None:
@@ -42,7 +40,6 @@ class TrustReloader:
         self.trust = trust
         self.partners = partners
         self.registry_path = registry_path
-        self._trust_dir = trust.source
         # Stamped now, after the gateway read them at start-up: a file replaced in between is read
         # again at the first poll, which costs one needless reload and misses nothing.
         self._seen = self._stamp()
@@ -72,10 +69,5 @@ class TrustReloader:
         return True
 
     def _stamp(self) -> tuple[FileStamp, ...]:
-        files: list[Path] = [self.registry_path]
-        for folder in TRUST_FOLDERS:
-            try:
-                files += sorted(p for p in (self._trust_dir / folder).iterdir() if p.is_file())
-            except OSError:
-                files.append(self._trust_dir / folder)  # gone: stamped as unreadable, so noticed
-        return stamp_files(files)
+        # A file that appeared or went changes the set of stamps, so it is noticed like an edit.
+        return stamp_files([self.registry_path, *self.trust.source_files()])

@@ -162,6 +162,12 @@ class TrustStore:
             fresh = _build_state(tuple(anchors), tuple(intermediates), crls, self.source)
         self._state = fresh
 
+    def source_files(self) -> list[Path]:
+        """The files ``reload()`` reads (none when not loaded from a directory): what to watch for changes."""
+        if self.source is None:
+            return []
+        return [path for folder in _FOLDERS for path in _files(self.source / folder)]
+
     @property
     def anchors(self) -> tuple[x509.Certificate, ...]:
         return self._state.anchors
@@ -241,6 +247,9 @@ def _read_dir(
     intermediates = [c for path in _files(trust_dir / "intermediates") for c in _read_certs(path)]
     crls = [_read_crl(path) for path in _files(trust_dir / "crl")]
     return anchors, intermediates, crls
+
+
+_FOLDERS = ("anchors", "intermediates", "crl")
 
 
 def _files(folder: Path) -> list[Path]:
