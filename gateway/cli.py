@@ -3,7 +3,9 @@
 nswgw serve | worker | run          the ingress, the delivery workers, or both in one process
 nswgw demo                          the whole path on the embedded default, nothing to install
 nswgw certs init DIR                a dev PKI and partner registry (test keys only)
-nswgw certs check [--within 30d]    certificates about to expire; exit 1 if one needs renewing
+nswgw certs check [--within 30d] [--crl-within 24h]
+                                    certificates about to expire, CRLs about to go stale; exit 1 if
+                                    one needs renewing
 nswgw samples DIR                   a realistic unsigned sample envelope for every shipped type
 nswgw sign FILE --key K --cert C    SystemSignature (and optionally the issuer's Body signature)
 nswgw verify FILE                   offline check, the ingress's own code path
@@ -24,6 +26,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -195,23 +198,28 @@ def cmd_certs_init(args: argparse.Namespace) -> int:
 
 def cmd_certs_check(args: argparse.Namespace) -> int:
     from gateway.partners import PartnerRegistry
-    from gateway.security.expiry import check_expiry, collect_for_settings, parse_duration, render
+    from gateway.security.expiry import parse_duration, render, report_for_settings
 
-    try:
-        within = parse_duration(args.within)
-    except ValueError as exc:
-        print(f"--within: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    windows = {}
+    for option, text in (("--within", args.within), ("--crl-within", args.crl_within)):
+        try:
+            windows[option] = parse_duration(text)
+        except ValueError as exc:
+            print(f"{option}: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     settings = _settings(args)
     partners = PartnerRegistry.load(settings.partners_path)
-    problems: list[str] = []
-    certs = collect_for_settings(settings, partners, problems)
-    report = check_expiry(certs, within, partners=partners, problems=problems)
+    report = report_for_settings(settings, partners, windows["--within"], windows["--crl-within"])
     if args.json:
-        print(json.dumps(asdict(report), indent=2, default=str))
+        print(json.dumps({**asdict(report), "failing": report.failing}, indent=2, default=_json_value))
     else:
         print("\n".join(render(report)))
     return EXIT_REJECTED if report.failing else EXIT_OK
+
+
+def _json_value(value: object) -> object:
+    """Durations as seconds (``remaining`` < 0 once expired); dates and paths as text."""
+    return value.total_seconds() if isinstance(value, timedelta) else str(value)
 
 
 def cmd_samples(args: argparse.Namespace) -> int:
@@ -482,9 +490,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", type=Path)
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_certs_init)
-    p = certs.add_parser("check", help="list certificates expiring soon; exit 1 if one needs renewing")
+    p = certs.add_parser(
+        "check", help="list certificates expiring and CRLs going stale soon; exit 1 if one needs renewing"
+    )
     _common(p)
-    p.add_argument("--within", default="30d", help="window such as 30d, 12h, 2w (default 30d)")
+    p.add_argument("--within", default="30d", help="window for certificates: 30d, 12h, 2w (default 30d)")
+    p.add_argument("--crl-within", default="24h", help="window for CRLs, which last days (default 24h)")
     p.add_argument("--json", action="store_true", help="the full report as JSON")
     p.set_defaults(func=cmd_certs_check)
 

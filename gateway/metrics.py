@@ -45,7 +45,12 @@ Exported (a single process: its own counts, Prometheus sums separate ingress and
     nsw_circuit_breaker_state{destination,state}      1 for the breaker's current state, else 0 (--processes N:
                                                       1 for every state some live child's breaker is in)
     nsw_certificate_expiry_seconds{party,kind,subject,fingerprint}   seconds until notAfter (< 0: expired)
+    nsw_crl_expiry_seconds{ca,fingerprint}             per CA with CRLs: seconds until its revocation status stops
+                                                      being known (the covering CRLs' nextUpdate); <= 0: stale,
+                                                      signers under that CA are refused CERT_UNTRUSTED now
     nsw_routing_reloads_total{outcome}                ok | error
+    nsw_trust_reloads_total{outcome}                  ok | error: trust directory and partner registry re-read
+                                                      after a change (error: the old ones stay in force)
 """
 
 from __future__ import annotations
@@ -71,6 +76,7 @@ from gateway.events import Event
 from gateway.model import State
 from gateway.pipeline import INGRESS_STAGES
 from gateway.retry import BreakerState
+from gateway.security.trust import fingerprint
 from gateway.status import MessageStatus
 from gateway.stores.base import Claim, ClaimKind, Ledger
 
@@ -170,10 +176,14 @@ class GatewayMetrics:
             registry=r,
         )
         self.reloads = Counter("nsw_routing_reloads", "Routing rule reloads", ["outcome"], registry=r)
+        self.trust_reloads = Counter(
+            "nsw_trust_reloads", "Trust directory and partner registry reloads", ["outcome"], registry=r
+        )
         for code in ErrorCode:
             self.rejected.labels(code=code.value)  # every code is a series from the start, at 0
         for outcome in ("ok", "error"):
             self.reloads.labels(outcome=outcome)
+            self.trust_reloads.labels(outcome=outcome)
         if multiprocess_dir is not None:
             if values.ValueClass is values.MutexValue:
                 raise ValueError(f"{MULTIPROC_ENV} must be set before prometheus_client is imported")
@@ -415,6 +425,32 @@ class CertificateExpiryCollector(Collector):
             family.add_metric(
                 [cert.party, cert.kind, cert.subject, cert.fingerprint], (cert.not_after - now).total_seconds()
             )
+        yield family
+
+
+class CrlExpiryCollector(Collector):
+    """``nsw_crl_expiry_seconds``: per CA with CRLs, how long its revocation status stays known, from the
+    trust store in force (so a reloaded CRL shows at the next scrape). CAs whose CRLs carry no nextUpdate
+    never go stale and are left out; a CA with no genuine CRL covering now is at 0 or below."""
+
+    def __init__(
+        self, coverage: Callable[[datetime], Iterable[Any]], *, clock: Callable[[], datetime] | None = None
+    ) -> None:
+        self._coverage = coverage  # -> gateway.security.trust.CrlCoverage, e.g. TrustStore.revocation_coverage
+        self._clock = clock or (lambda: datetime.now(UTC))
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily(
+            "nsw_crl_expiry_seconds",
+            "Seconds until the CA's revocation status stops being known (<= 0: stale, its signers are refused)",
+            labels=["ca", "fingerprint"],
+        )
+        now = self._clock()
+        for c in self._coverage(now):
+            if c.known_until is None and c.problem is None:
+                continue
+            remaining = 0.0 if c.known_until is None else (c.known_until - now).total_seconds()
+            family.add_metric([c.subject, fingerprint(c.ca)], min(remaining, 0.0) if c.problem else remaining)
         yield family
 
 

@@ -22,6 +22,7 @@ from gateway.brokers.factory import make_broker
 from gateway.config import Settings
 from gateway.metrics import (
     CertificateExpiryCollector,
+    CrlExpiryCollector,
     EventCounter,
     GatewayMetrics,
     MetricsLedger,
@@ -142,6 +143,7 @@ class Gateway:
         )
         metrics.watch_breakers(gateway.breaker_states)
         metrics.add_collector(CertificateExpiryCollector(CertificateInventory(settings, partners).current))
+        metrics.add_collector(CrlExpiryCollector(trust.revocation_coverage))
         return gateway
 
     def build_adapters(self, base_dir: Path | None = None) -> dict[str, Adapter]:
@@ -198,7 +200,12 @@ class Gateway:
         if self.reloader is None:
             self.reloader = RoutingReloader(self, self.settings.routing_file or default_rules_path(), interval=interval)
             if self.trust.source is not None:
-                self.trust_reloader = TrustReloader(self.trust, self.partners, self.settings.partners_path)
+                self.trust_reloader = TrustReloader(
+                    self.trust,
+                    self.partners,
+                    self.settings.partners_path,
+                    on_reload=lambda outcome: self.metrics.trust_reloads.labels(outcome=outcome).inc(),
+                )
                 self.reloader.also_poll(self.trust_reloader.check)
             self.reloader.start()
         return self.reloader

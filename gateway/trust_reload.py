@@ -21,6 +21,7 @@ registry on every receipt, and their TLS files are the routing reload's (``adapt
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
@@ -34,12 +35,21 @@ log = structlog.get_logger("nsw.trust")
 
 
 class TrustReloader:
-    def __init__(self, trust: TrustStore, partners: PartnerRegistry, registry_path: Path) -> None:
+    def __init__(
+        self,
+        trust: TrustStore,
+        partners: PartnerRegistry,
+        registry_path: Path,
+        *,
+        on_reload: Callable[[str], None] | None = None,
+    ) -> None:
+        """``on_reload`` is told the outcome of every reload tried: "ok" or "error" (for a metric)."""
         if trust.source is None:
             raise ValueError("the trust store was not loaded from a directory: nothing to reload")
         self.trust = trust
         self.partners = partners
         self.registry_path = registry_path
+        self._on_reload = on_reload or (lambda _outcome: None)
         # Stamped now, after the gateway read them at start-up: a file replaced in between is read
         # again at the first poll, which costs one needless reload and misses nothing.
         self._seen = self._stamp()
@@ -58,8 +68,10 @@ class TrustReloader:
             log.error(  # noqa: TRY400 -- the error text says it all; no traceback wanted
                 "trust.reload_rejected", files=changed, error=str(exc), detail="the old trust and registry stay"
             )
+            self._on_reload("error")
             return False
         self.partners.adopt(registry)
+        self._on_reload("ok")
         log.info(
             "trust.reloaded",
             files=changed,

@@ -19,6 +19,12 @@ the same subject) is already valid and outlives the window: nothing needs doing 
 binding eventually. Only the gateway's own signing and TLS certificates cannot be superseded -- the
 gateway uses exactly one of each. ``ExpiryReport.failing`` is true when an expiring certificate is
 not superseded: an operator must act.
+
+CRLs run out too, and much sooner: a CA's CRL lasts days. When none of a CA's CRLs covers the present
+any more, every signer under that CA is refused ``CERT_UNTRUSTED`` (``gateway.security.trust``). So the
+report also lists each CA whose revocation status stops being known within a window of its own
+(``crl_within``, 24 h by default: a 30-day window would flag every CRL), or already has; each such CA
+fails the check too, as does a trust directory the gateway could not load.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Final
@@ -34,12 +40,14 @@ from typing import Final
 from cryptography import x509
 
 from gateway.config import Settings
+from gateway.errors import ConfigError
 from gateway.partners import PartnerRegistry
-from gateway.security.trust import fingerprint, load_certs_pem
+from gateway.security.trust import CrlCoverage, TrustStore, fingerprint, load_certs_pem
 
 CERT_SUFFIXES: Final = frozenset({".pem", ".crt", ".cer"})
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*\Z")
 _UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "": 86400}
+CRL_WINDOW: Final = timedelta(hours=24)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,16 +77,32 @@ class ExpiryFinding:
 
 
 @dataclass(frozen=True, slots=True)
+class CrlFinding:
+    """A CA whose revocation status is unknown already (``problem``) or stops being known within the window."""
+
+    ca_subject: str
+    ca_fingerprint: str
+    crls: int  # CRLs filed under the CA's name
+    known_until: datetime | None  # the last covering nextUpdate; when stale, the one that ran out (if any)
+    remaining: timedelta | None  # known_until - now; negative once stale
+    problem: str | None  # why signers under this CA are refused now; None while it is still known
+
+
+@dataclass(frozen=True, slots=True)
 class ExpiryReport:
     within: timedelta
     checked: int  # certificates found
     findings: tuple[ExpiryFinding, ...]  # certificates expiring within the window, soonest first
     unknown: tuple[tuple[str, str], ...] = ()  # (party, fingerprint): bound, but no certificate file found
     problems: tuple[str, ...] = field(default=())  # unreadable files
+    crl_within: timedelta = CRL_WINDOW
+    crl_cas: int = 0  # CAs with CRLs filed under their name
+    crl_findings: tuple[CrlFinding, ...] = ()  # stale or running out within crl_within, soonest first
+    trust_error: str | None = None  # the trust directory does not load: the gateway would not start
 
     @property
     def failing(self) -> bool:
-        return any(f.action_needed for f in self.findings)
+        return bool(any(f.action_needed for f in self.findings) or self.crl_findings or self.trust_error is not None)
 
 
 def parse_duration(text: str) -> timedelta:
@@ -208,6 +232,49 @@ def check_expiry(
     return ExpiryReport(within, len(certs), findings, tuple(unknown), tuple(problems))
 
 
+def check_crls(
+    coverage: Sequence[CrlCoverage], within: timedelta = CRL_WINDOW, *, now: datetime | None = None
+) -> tuple[CrlFinding, ...]:
+    """The CAs of ``coverage`` whose revocation status is unknown now or stops being known before ``now + within``."""
+    now = now or datetime.now(UTC)
+    findings = [
+        CrlFinding(
+            ca_subject=c.subject,
+            ca_fingerprint=fingerprint(c.ca),
+            crls=c.crls,
+            known_until=c.known_until,
+            remaining=None if c.known_until is None else c.known_until - now,
+            problem=c.problem,
+        )
+        for c in coverage
+        if c.problem is not None or (c.known_until is not None and c.known_until <= now + within)
+    ]
+    return tuple(sorted(findings, key=lambda f: f.known_until or datetime.min.replace(tzinfo=UTC)))
+
+
+def crl_coverage(trust_dir: Path, *, now: datetime | None = None) -> list[CrlCoverage]:
+    """``TrustStore.revocation_coverage`` of the trust directory as the gateway would load it
+    (``ConfigError`` when it would not)."""
+    return TrustStore.load(trust_dir).revocation_coverage(now)
+
+
+def report_for_settings(
+    settings: Settings, partners: PartnerRegistry, within: timedelta, crl_within: timedelta = CRL_WINDOW
+) -> ExpiryReport:
+    """What ``nswgw certs check`` prints: certificates, registry bindings and CRLs of one gateway."""
+    now = datetime.now(UTC)
+    problems: list[str] = []
+    certs = collect_for_settings(settings, partners, problems)
+    report = check_expiry(certs, within, partners=partners, now=now, problems=problems)
+    try:
+        coverage = crl_coverage(settings.trust_dir, now=now)
+    except ConfigError as exc:
+        return replace(report, crl_within=crl_within, trust_error=str(exc))
+    return replace(
+        report, crl_within=crl_within, crl_cas=len(coverage), crl_findings=check_crls(coverage, crl_within, now=now)
+    )
+
+
 def _span(delta: timedelta) -> str:
     seconds = abs(delta.total_seconds())
     days, rest = divmod(int(seconds), 86400)
@@ -215,10 +282,16 @@ def _span(delta: timedelta) -> str:
     return f"{text} ago" if delta.total_seconds() < 0 else f"in {text}"
 
 
+def _window(delta: timedelta) -> str:
+    seconds = delta.total_seconds()
+    if seconds >= 2 * 86400 and seconds % 86400 == 0:
+        return f"{seconds / 86400:g} days"
+    return f"{seconds / 3600:g} hours"
+
+
 def render(report: ExpiryReport) -> list[str]:
     """Human-readable lines for ``nswgw certs check``."""
-    days = report.within.total_seconds() / 86400
-    lines = [f"{report.checked} certificates checked; expiring within {days:g} days: {len(report.findings)}"]
+    lines = [f"{report.checked} certificates checked; expiring within {_window(report.within)}: {len(report.findings)}"]
     for f in report.findings:
         c = f.cert
         who = c.party or "(CA)"
@@ -232,6 +305,24 @@ def render(report: ExpiryReport) -> list[str]:
     for party, fp in report.unknown:
         lines.append(f"unknown    {party:<24} sha256 {fp}: bound in the registry, no certificate file found")
     lines.extend(f"unreadable {problem}" for problem in report.problems)
+    lines.extend(_render_crls(report))
+    return lines
+
+
+def _render_crls(report: ExpiryReport) -> list[str]:
+    if report.trust_error is not None:
+        return [f"TRUST      the trust directory does not load, so the gateway would not start: {report.trust_error}"]
+    lines = [
+        f"{report.crl_cas} CAs with CRLs checked; revocation status unknown or running out within "
+        f"{_window(report.crl_within)}: {len(report.crl_findings)}"
+    ]
+    for f in report.crl_findings:
+        if f.problem is None and f.known_until is not None and f.remaining is not None:
+            until = f"{f.known_until:%Y-%m-%dT%H:%M:%SZ} ({_span(f.remaining)})"
+            what = f"CRL ENDING revocation status known until {until}; a fresh CRL is due"
+        else:
+            what = f"STALE      revocation status unknown, CRL {f.problem}: signers under this CA are refused"
+        lines.append(f"{what}  CA {f.ca_subject}  sha256 {f.ca_fingerprint}  ({f.crls} CRL files)")
     return lines
 
 

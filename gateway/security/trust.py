@@ -15,6 +15,10 @@ Order of checks, each failing closed with its own code:
    that is expired, not yet valid or not signed by the issuer makes the status unknown
    -> CERT_UNTRUSTED. No CRL at all for an issuer means "not revoked".
 
+``revocation_coverage()`` says, per CA, until when its CRLs keep revocation status known: past that
+moment every signer under the CA is refused, so it is what ``nswgw certs check`` and the
+``nsw_crl_expiry_seconds`` metric warn about.
+
 A positive decision is cached by leaf fingerprint for as long as it stays true: from the latest
 notBefore / CRL thisUpdate to the earliest notAfter / CRL nextUpdate of what it relied on.
 ``reload()`` re-reads the directory and drops every cached decision.
@@ -112,6 +116,20 @@ class TrustDecision:
 
 
 @dataclass(frozen=True, slots=True)
+class CrlCoverage:
+    """How long one CA's revocation status stays known with the CRLs loaded now."""
+
+    ca: x509.Certificate
+    crls: int  # CRLs filed under the CA's name, genuine or not
+    known_until: datetime | None  # when the last genuine CRL covering now runs out; None: it has no nextUpdate
+    problem: str | None  # why the status is unknown *now* (stale, not yet valid, forged); None when known
+
+    @property
+    def subject(self) -> str:
+        return self.ca.subject.rfc4514_string()
+
+
+@dataclass(frozen=True, slots=True)
 class _Cached:
     decision: TrustDecision
     valid_from: datetime
@@ -171,6 +189,18 @@ class TrustStore:
     @property
     def anchors(self) -> tuple[x509.Certificate, ...]:
         return self._state.anchors
+
+    def revocation_coverage(self, at: datetime | None = None) -> list[CrlCoverage]:
+        """For each anchor or intermediate with CRLs filed under its name: until when they keep its
+        revocation status known from ``at`` on. CAs without any CRL are left out (never revoked, never
+        stale), as are CRLs of CAs the store does not hold."""
+        at = _aware(at)
+        state = self._state
+        return [
+            _coverage(ca, state.crls[ca.subject], at)
+            for ca in (*state.anchors, *state.intermediates)
+            if ca.subject in state.crls
+        ]
 
     def evaluate(
         self,
@@ -351,12 +381,37 @@ def _current_crl(state: _State, issuer: x509.Certificate, at: datetime) -> x509.
     current = [c for c in genuine if c.last_update_utc <= at <= (c.next_update_utc or _FAR_FUTURE)]
     if current:
         return max(current, key=lambda c: c.last_update_utc)
+    raise Rejected(ErrorCode.CERT_UNTRUSTED, f"revocation status unknown: CRL for {name} {_why_unknown(genuine, at)}")
+
+
+def _why_unknown(genuine: Sequence[x509.CertificateRevocationList], at: datetime) -> str:
+    """Why none of a CA's genuine CRLs covers ``at``."""
     newest = max(genuine, key=lambda c: c.last_update_utc)
     if newest.last_update_utc > at:
-        problem = f"not valid before {_day(newest.last_update_utc)}"
-    else:
-        problem = f"expired at {_day(newest.next_update_utc or _FAR_FUTURE)}"
-    raise Rejected(ErrorCode.CERT_UNTRUSTED, f"revocation status unknown: CRL for {name} {problem}")
+        return f"not valid before {_day(newest.last_update_utc)}"
+    return f"expired at {_day(newest.next_update_utc or _FAR_FUTURE)}"
+
+
+def _coverage(ca: x509.Certificate, filed: Sequence[x509.CertificateRevocationList], at: datetime) -> CrlCoverage:
+    genuine = [c for c in filed if c.is_signature_valid(ca.public_key())]  # type: ignore[arg-type]
+    if not genuine:
+        return CrlCoverage(ca, len(filed), None, "not signed by that CA's key")
+    # A CA may publish the next CRL before the current one runs out: follow the overlapping ones.
+    covered_until = at
+    while True:
+        covering = [c for c in genuine if c.last_update_utc <= covered_until <= (c.next_update_utc or _FAR_FUTURE)]
+        if not covering:
+            break
+        furthest = max((c.next_update_utc or _FAR_FUTURE) for c in covering)
+        if furthest == _FAR_FUTURE:
+            return CrlCoverage(ca, len(filed), None, None)
+        if furthest <= covered_until:
+            break
+        covered_until = furthest
+    if covered_until > at:
+        return CrlCoverage(ca, len(filed), covered_until, None)
+    ran_out = [c.next_update_utc for c in genuine if c.next_update_utc is not None and c.next_update_utc < at]
+    return CrlCoverage(ca, len(filed), max(ran_out, default=None), _why_unknown(genuine, at))
 
 
 def _issuers(cert: x509.Certificate, candidates: Sequence[x509.Certificate]) -> list[x509.Certificate]:

@@ -1,13 +1,18 @@
-"""Helpers for the operator tests: rules files and metrics parsing (agencies: tests/support/agency.py)."""
+"""Helpers for the operator tests: rules files, metrics parsing and CRLs (agencies: tests/support/agency.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.security.pki import KeyPair, PrivateKey, load_issued, make_crl
 
 DEADLINE = 30.0  # how long something that must happen may take; never a measurement
 FAST_RETRY = {"in_process_attempts": 1, "in_process_wait": 0.01, "tiers": [0.05], "max_attempts": 5, "max_age": 600}
@@ -61,3 +66,32 @@ async def scrape(client: Any, headers: Mapping[str, str] | None = None) -> Sampl
     assert response.status == 200, text
     assert response.headers["Content-Type"].startswith("text/plain")
     return parse_metrics(text)
+
+
+CRL_NAME = "vn-nsw-dev-intermediate.crl.pem"  # the dev intermediate's CRL, in <certs>/trust/crl/
+
+
+def write_crl(
+    certs: Path,
+    *,
+    this_update: datetime,
+    lifetime: timedelta,
+    revoked: Sequence[Path] = (),
+    name: str = CRL_NAME,
+    forged_with: PrivateKey | None = None,
+) -> x509.CertificateRevocationList:
+    """A CRL of the dev PKI's intermediate (a copy under ``certs``) listing the certificates in the
+    ``revoked`` files, written to ``trust/crl/<name>``; ``forged_with`` signs it with another key."""
+    folder = certs / "ca" / "vn-nsw-dev-intermediate"
+    intermediate = load_issued(KeyPair(folder / "key.pem", folder / "cert.pem"))
+    serials = {x509.load_pem_x509_certificates(p.read_bytes())[0].serial_number: this_update for p in revoked}
+    crl = make_crl(
+        intermediate,
+        serials,
+        this_update=this_update,
+        next_update=this_update + lifetime,
+        number=int(this_update.timestamp()),
+        signing_key=forged_with,
+    )
+    (certs / "trust" / "crl" / name).write_bytes(crl.public_bytes(Encoding.PEM))
+    return crl

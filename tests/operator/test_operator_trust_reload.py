@@ -11,17 +11,14 @@ from typing import Any
 
 import pytest
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
 from structlog.testing import capture_logs
 
 from adapters.asw import AswAdapter
-from gateway.security.pki import TRADER, KeyPair, load_issued, make_crl, set_peer_url
+from gateway.security.pki import TRADER, set_peer_url
 from gateway.trust_reload import TrustReloader
 from tests.conftest import RunningGateway
-from tests.operator.helpers import DEADLINE
-
-CRL_NAME = "vn-nsw-dev-intermediate.crl.pem"
+from tests.operator.helpers import CRL_NAME, DEADLINE
+from tests.operator.helpers import write_crl as write_intermediate_crl
 
 
 @pytest.fixture
@@ -32,19 +29,9 @@ def certs(pki_dir: Path, tmp_path: Path) -> Path:
 
 def write_crl(certs: Path, revoked: list[Path], *, fresh: bool = True) -> None:
     """Replace the intermediate's CRL: ``revoked`` certificates listed; ``fresh`` False: past its nextUpdate."""
-    folder = certs / "ca" / "vn-nsw-dev-intermediate"
-    intermediate = load_issued(KeyPair(folder / "key.pem", folder / "cert.pem"))
     now = datetime.now(UTC)
-    serials = {x509.load_pem_x509_certificates(p.read_bytes())[0].serial_number: now for p in revoked}
     this_update = now - timedelta(minutes=1) if fresh else now - timedelta(days=9)
-    crl = make_crl(
-        intermediate,
-        serials,
-        this_update=this_update,
-        next_update=this_update + timedelta(days=1),
-        number=int(now.timestamp()),
-    )
-    (certs / "trust" / "crl" / CRL_NAME).write_bytes(crl.public_bytes(Encoding.PEM))
+    write_intermediate_crl(certs, this_update=this_update, lifetime=timedelta(days=1), revoked=revoked)
 
 
 async def answer(gw: RunningGateway, body: bytes) -> tuple[int, str | None]:
