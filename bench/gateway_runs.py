@@ -26,9 +26,8 @@ from bench.agency import CountingAgency
 from bench.procs import Child, CpuMeter, broker_pid, child_env, free_port, loadgen, vm_hwm_kb
 from gateway.brokers import names
 from gateway.config import Settings
-from gateway.partners import PartnerRegistry
+from gateway.partners import PartnerRegistry, peer_destinations
 from gateway.pipeline import INGRESS_STAGES
-from gateway.runtime import peer_destinations
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 TIERS = (1.0, 5.0)

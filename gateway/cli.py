@@ -248,9 +248,9 @@ def cmd_sign(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from gateway.partners import PartnerRegistry
+    from gateway.partners import PartnerRegistry, peer_destinations
     from gateway.pipeline import Admission
-    from gateway.runtime import load_routing, peer_destinations
+    from gateway.runtime import load_routing
     from gateway.security.trust import TrustStore
     from gateway.security.verify import Verifier
     from gateway.validation import DocumentTypeRegistry, Validator
@@ -324,8 +324,8 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 def cmd_routes_explain(args: argparse.Namespace) -> int:
     from gateway.envelope import content_document, parse_header
-    from gateway.partners import PartnerRegistry
-    from gateway.runtime import load_routing, peer_destinations
+    from gateway.partners import PartnerRegistry, peer_destinations
+    from gateway.runtime import load_routing
     from gateway.security.parse import parse_untrusted
 
     settings = _settings(args)

@@ -176,11 +176,18 @@ def _pointed(
     return data
 
 
+def home_rules(
+    agencies: str, archive: Path, *, peers: Iterable[str] = ("asw:TH",), policy: Mapping[str, Any] = FAST_POLICY
+) -> dict[str, Any]:
+    """The shipped rules (routing/default.yaml), pointed at loopback agencies, as a rules file's mapping."""
+    return _pointed(dict(read_yaml(default_rules_path())), agencies, archive, peers, policy)
+
+
 def home_routing(
     agencies: str, archive: Path, *, peers: Iterable[str] = ("asw:TH",), policy: Mapping[str, Any] = FAST_POLICY
 ) -> RoutingTable:
-    """The shipped rules (routing/default.yaml), pointed at loopback agencies."""
-    data = _pointed(dict(read_yaml(default_rules_path())), agencies, archive, peers, policy)
+    """``home_rules`` loaded."""
+    data = home_rules(agencies, archive, peers=peers, policy=policy)
     return RoutingTable.from_mapping(data, source=f"{default_rules_path()} (loopback)")
 
 

@@ -146,6 +146,11 @@ class PartnerRegistry:
         )
 
 
+def peer_destinations(partners: PartnerRegistry) -> frozenset[str]:
+    """``asw:<country>`` for every foreign NSW with an endpoint: routing may name them without listing them."""
+    return frozenset(f"asw:{p.country}" for p in partners.parties() if p.role == "peer" and p.endpoint is not None)
+
+
 def _normalise_fingerprint(value: str) -> str:
     return value.replace(":", "").strip().lower()
 

@@ -20,6 +20,14 @@ endpoint the partner registry changed counts as such a change too (the registry 
    closed breaker: the old one counted another endpoint's failures;
 5. starts consuming the new destinations (a second ``Worker`` for just those lanes).
 
+ASW peers follow the partner registry the same way. A peer given an ``endpoint`` there (a new member
+state going live) becomes the destination ``asw:<country>`` at the next reload: its queue is declared,
+its adapter built and consumed with the default options (``_unnamed_peer``) before routing may name it,
+all in the swap above. A peer whose endpoint was taken away is no longer routed to: messages for it are
+refused ``NO_ROUTE`` at the ingress instead of being accepted for a peer whose receipts can no longer
+verify; its queue keeps draining like a removed destination's. A registry change of peers alone triggers
+the reload, like a changed rules file.
+
 Any failure in 1-3 keeps the old rules and logs ``routing.reload_rejected`` with the error text; a
 file that failed is not retried until it changes again (or SIGHUP). What a reload does NOT do: stop
 consuming a removed destination (its queue keeps draining with its last settings, which is what one
@@ -43,6 +51,7 @@ import structlog
 from adapters.asw import ASW_KIND, AswAdapter
 from adapters.base import Adapter, FileStamp, changed_files, stamp_files
 from gateway.errors import BrokerUnavailable, ConfigError
+from gateway.partners import peer_destinations
 from gateway.policy import BreakerPolicy, RetryPolicy
 from gateway.worker import Worker
 from routing.config import DestinationConfig
@@ -66,6 +75,8 @@ class ReloadOutcome:
     removed: tuple[str, ...] = ()
     changed: tuple[str, ...] = ()  # existing destinations whose settings differ: applied to new attempts
     rotated: tuple[str, ...] = ()  # adapters rebuilt because files they loaded (or a peer's endpoint) changed
+    peers_joined: tuple[str, ...] = ()  # asw:<country> destinations the partner registry added
+    peers_left: tuple[str, ...] = ()  # asw:<country> destinations it took away: no longer routed to
 
 
 class RoutingReloader:
@@ -83,6 +94,7 @@ class RoutingReloader:
         self._on_outcome = on_outcome
         self._seen = self._signature()
         self._files_seen: tuple[FileStamp, ...] = ()  # changed adapter files a reload last tried
+        self._peers_seen = gateway.pipeline.admission.extra_destinations  # the peers a reload last tried
         self._poke = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._waiters: list[asyncio.Future[ReloadOutcome]] = []
@@ -130,10 +142,12 @@ class RoutingReloader:
                 self._seen = None
                 return None
             files = stamp_files(sorted({path for paths in self._rotated().values() for path in paths}))
-            if not force and signature == self._seen and files == self._files_seen:
+            peers = peer_destinations(self.gateway.partners)
+            if not force and signature == self._seen and files == self._files_seen and peers == self._peers_seen:
                 return None
-            # A faulty file (rules, or an adapter's certificate) is not retried until it changes again.
-            self._seen, self._files_seen = signature, files
+            # A faulty file (rules, an adapter's certificate, a peer's endpoint) is not retried until it
+            # changes again.
+            self._seen, self._files_seen, self._peers_seen = signature, files, peers
             outcome = await self._reload()
             if outcome.ok:
                 self._files_seen = ()
@@ -182,8 +196,12 @@ class RoutingReloader:
         removed = tuple(sorted(set(old.destinations) - set(new.destinations)))
         kept = set(new.destinations) & set(old.destinations)
         changed = tuple(sorted(n for n in kept if new.destinations[n] != old.destinations[n]))
+        peers, old_peers = peer_destinations(gw.partners), gw.pipeline.admission.extra_destinations
+        joined = tuple(sorted(peers - old_peers - set(new.destinations)))
+        left = tuple(sorted(old_peers - peers - set(new.destinations)))
         workers = self._workers()
         rotated = self._rotated() if workers else {}
+        lanes = {name for w in workers for name in w.destinations}
         # A destination some worker here already has a lane for (changed, rotated, or a peer delivered to
         # with default options until the file named it) is reconfigured there; the others get new lanes.
         retuned = {name: w for name in (*changed, *added, *rotated) for w in workers if name in w.destinations}
@@ -191,16 +209,17 @@ class RoutingReloader:
         replacing: dict[str, Adapter] = {}  # for existing lanes whose adapter settings or files changed
         try:
             if workers:
-                fresh, replacing = await self._new_adapters(
-                    new, old, [n for n in added if n not in retuned], retuned, rotated
-                )
-            await gw.broker.declare(list(added))
+                # A peer that left and came back still has its lane (it kept draining): that lane serves it.
+                new_lanes = [n for n in added if n not in retuned] + [n for n in joined if n not in lanes]
+                fresh, replacing = await self._new_adapters(new, old, new_lanes, retuned, rotated)
+            await gw.broker.declare([*added, *joined])
         except (ConfigError, BrokerUnavailable) as exc:
             await _close_all([*fresh.values(), *replacing.values()])
             return self._rejected(source, str(exc), old)
 
         # The swap: one assignment for the rules, and no await until every lane has its new settings.
         gw.pipeline.admission.routing = new
+        gw.pipeline.admission.extra_destinations = peers
         gw.routing = new
         for name, worker in retuned.items():
             dest = new.destinations.get(name)  # None: a removed destination or an unnamed peer, rotated
@@ -226,6 +245,8 @@ class RoutingReloader:
             removed=list(removed),
             changed=list(changed),
             rotated=sorted(rotated),
+            peers_joined=list(joined),
+            peers_left=list(left),
         )
         for name in sorted(retuned):
             dest = new.destinations.get(name)
@@ -236,14 +257,14 @@ class RoutingReloader:
                 files=rotated.get(name, []),
                 new_adapter=name in replacing,
             )
-        if removed and workers:
+        if (removed or left) and workers:
             log.warning(
                 "routing.reload_needs_restart",
-                removed=list(removed),
+                removed=[*removed, *left],
                 detail="running workers keep draining the queues of removed destinations, with their last "
                 "settings, until they restart",
             )
-        return ReloadOutcome(True, source, None, added, removed, changed, tuple(sorted(rotated)))
+        return ReloadOutcome(True, source, None, added, removed, changed, tuple(sorted(rotated)), joined, left)
 
     async def _new_adapters(
         self,
@@ -259,7 +280,7 @@ class RoutingReloader:
         replacing: dict[str, Adapter] = {}
         try:
             for name in lanes:
-                fresh[name] = self.gateway.adapter_for(new.destinations[name])
+                fresh[name] = self.gateway.adapter_for(new.destinations.get(name) or _unnamed_peer(name))
             for name in retuned:
                 dest = new.destinations.get(name) or old.destinations.get(name) or _unnamed_peer(name)
                 if name in rotated or _adapter_settings_differ(dest, old.destinations.get(name)):
@@ -287,7 +308,8 @@ class RoutingReloader:
 
     async def _consume(self, table: RoutingTable, adapters: dict[str, Adapter]) -> None:
         gw = self.gateway
-        policies = {name: (table.destinations[name].retry, table.destinations[name].breaker) for name in adapters}
+        configs = {name: table.destinations.get(name) or _unnamed_peer(name) for name in adapters}
+        policies = {name: (config.retry, config.breaker) for name, config in configs.items()}
         worker = Worker(gw.broker, adapters, policies, gw.ledger, prefetch=gw.settings.prefetch)
         await worker.start()
         gw.adapters.update(adapters)

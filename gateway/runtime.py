@@ -28,7 +28,7 @@ from gateway.metrics import (
     MetricsLedger,
 )
 from gateway.model import PartyRef
-from gateway.partners import PartnerRegistry
+from gateway.partners import PartnerRegistry, peer_destinations
 from gateway.pipeline import Admission, Pipeline
 from gateway.proofs import ProofStore
 from gateway.receipts import ReceiptFactory
@@ -57,11 +57,6 @@ def broker_for(settings: Settings) -> Broker:
     return make_broker(
         None, settings.data_dir, lease_seconds=settings.lease_seconds, synchronous=settings.sqlite_synchronous
     )
-
-
-def peer_destinations(partners: PartnerRegistry) -> frozenset[str]:
-    """``asw:<country>`` for every foreign NSW with an endpoint: routing may name them without listing them."""
-    return frozenset(f"asw:{p.country}" for p in partners.parties() if p.role == "peer" and p.endpoint is not None)
 
 
 def load_routing(settings: Settings) -> RoutingTable:

@@ -27,6 +27,7 @@ from gateway.partners import PartnerRegistry
 from gateway.security.pki import KeyPair, init_dev_pki_pair, set_peer_url
 from gateway.security.sign import Signer
 from routing.engine import RoutingTable
+from tests.e2e.conftest import rabbit  # noqa: F401 - the RabbitMQ fixture, re-exported for tests/crossborder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,11 +76,16 @@ class CrossBorder:
 async def cross_border(dirs: PairDirs, tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[CrossBorder]]]:
     """``await cross_border()`` starts both gateways. ``th_serving=False`` leaves TH's port refusing
     connections until ``await pair.th.serve()``; ``vn_sees_th_at`` points VN's registry entry for TH-NSW
-    elsewhere (a relay, a fake peer); ``vn_policy`` / ``th_policy`` replace the delivery policies."""
+    elsewhere (a relay, a fake peer); ``vn_policy`` / ``th_policy`` replace the delivery policies;
+    ``vn_names_th`` False leaves asw:TH out of VN's rules file (delivered with the default options, as a
+    peer the registry alone makes a destination); ``before_open(dirs)`` may edit the registries last;
+    ``vn_settings`` overrides VN's settings (e.g. the RabbitMQ broker)."""
     nodes: list[Node] = []
     agencies: list[Agencies] = []
 
-    async def node(side: str, sock: socket.socket, routing: RoutingTable, *, serve: bool = True) -> Node:
+    async def node(
+        side: str, sock: socket.socket, routing: RoutingTable, *, serve: bool = True, **settings: Any
+    ) -> Node:
         try:
             opened = await open_node(
                 getattr(dirs, side),
@@ -88,6 +94,7 @@ async def cross_border(dirs: PairDirs, tmp_path: Path) -> AsyncIterator[Callable
                 routing=routing,
                 sock=sock,
                 serve=serve,
+                **settings,
             )
         except BaseException:
             sock.close()
@@ -101,15 +108,21 @@ async def cross_border(dirs: PairDirs, tmp_path: Path) -> AsyncIterator[Callable
         vn_sees_th_at: str | None = None,
         vn_policy: dict[str, Any] | None = None,
         th_policy: dict[str, Any] | None = None,
+        vn_names_th: bool = True,
+        before_open: Callable[[PairDirs], None] | None = None,
+        vn_settings: dict[str, Any] | None = None,
     ) -> CrossBorder:
         vn_sock, th_sock = loopback_socket(), loopback_socket()
         set_peer_url(dirs.vn / "partners.yaml", "TH-NSW", vn_sees_th_at or ingress_url(th_sock))
         set_peer_url(dirs.th / "partners.yaml", "VN-NSW", ingress_url(vn_sock))
         vn_agencies, th_agencies = await Agencies().start(), await Agencies().start()
         agencies.extend([vn_agencies, th_agencies])
-        vn_routing = home_routing(vn_agencies.url, tmp_path / "vn-archive", **_policy(vn_policy))
+        peers = ["asw:TH"] if vn_names_th else []
+        vn_routing = home_routing(vn_agencies.url, tmp_path / "vn-archive", peers=peers, **_policy(vn_policy))
         th_routing = peer_routing("TH", "TH-DFT", th_agencies.url, tmp_path / "th-archive", **_policy(th_policy))
-        vn = await node("vn", vn_sock, vn_routing)
+        if before_open is not None:
+            before_open(dirs)
+        vn = await node("vn", vn_sock, vn_routing, **(vn_settings or {}))
         th = await node("th", th_sock, th_routing, serve=th_serving)
         return CrossBorder(dirs, vn, th, vn_agencies, th_agencies)
 

@@ -20,8 +20,7 @@ from pathlib import Path
 import aiohttp
 
 from gateway.config import Settings
-from gateway.partners import PartnerRegistry
-from gateway.runtime import peer_destinations
+from gateway.partners import PartnerRegistry, peer_destinations
 from tests.e2e.conftest import child_env, nswgw
 from tests.support.agency import WAIT, Agency
 from tests.support.http import until_ok

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from tests.e2e.conftest import rabbit  # noqa: F401 - the RabbitMQ fixture, re-exported for tests/operator
 from tests.support.agency import Agency
 
 

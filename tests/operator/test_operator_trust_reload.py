@@ -16,7 +16,10 @@ from structlog.testing import capture_logs
 from adapters.asw import AswAdapter
 from gateway.security.pki import TRADER, set_peer_url
 from gateway.trust_reload import TrustReloader
+from routing.config import read_yaml
+from routing.engine import default_rules_path
 from tests.conftest import RunningGateway
+from tests.e2e.conftest import Rabbit
 from tests.operator.helpers import CRL_NAME, DEADLINE
 from tests.operator.helpers import write_crl as write_intermediate_crl
 
@@ -161,3 +164,31 @@ async def test_a_peer_endpoint_moved_in_the_registry_rebuilds_its_adapter(
     assert trust.check() is True
     assert await routing.check() is None
     assert gw.gateway.adapters["asw:TH"] is rebuilt
+
+
+@pytest.mark.rabbitmq
+async def test_an_ingress_only_gateway_routes_to_a_peer_that_went_live(
+    make_gateway: Callable[..., Any], signed: Callable[..., bytes], certs: Path, rabbit: Rabbit
+) -> None:
+    """`nswgw serve` on RabbitMQ (no worker, so no lane to build): an e-Form D for TH is refused while TH
+    has no endpoint in the registry, and queued for asw:TH once it has one. Delivery after a peer went
+    live: tests/crossborder/test_xb_peer_joins.py."""
+    registry = certs / "partners.yaml"
+    data = yaml.safe_load(registry.read_text(encoding="utf-8"))
+    endpoint, data["parties"]["TH-NSW"]["endpoint"] = data["parties"]["TH-NSW"]["endpoint"], None
+    registry.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    rabbit.destinations.extend(["asw:TH", *read_yaml(default_rules_path())["destinations"]])
+    gw = await make_gateway(certs_dir=certs, **rabbit.settings())
+    routing = gw.gateway.start_reloader(interval=3600)
+    trust = reloader_of(gw)
+    form_d = signed("eco.atiga-form-d", body_signer="VN-MOIT")  # importingCountry TH
+    assert await answer(gw, form_d) == (422, "NO_ROUTE")
+
+    data["parties"]["TH-NSW"]["endpoint"] = endpoint
+    registry.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    assert trust.check() is True
+    outcome = await routing.check()
+    assert outcome is not None
+    assert outcome.peers_joined == ("asw:TH",)
+    assert await answer(gw, signed("eco.atiga-form-d", body_signer="VN-MOIT")) == (202, None)
+    assert "asw:TH" in [d.destination for d in gw.broker.published]
