@@ -449,8 +449,9 @@ class CrlExpiryCollector(Collector):
         for c in self._coverage(now):
             if c.known_until is None and c.problem is None:
                 continue
+            # a stale CA's known_until lies in the past; a forged or not yet valid CRL has none: 0
             remaining = 0.0 if c.known_until is None else (c.known_until - now).total_seconds()
-            family.add_metric([c.subject, fingerprint(c.ca)], min(remaining, 0.0) if c.problem else remaining)
+            family.add_metric([c.subject, fingerprint(c.ca)], remaining)
         yield family
 
 

@@ -252,12 +252,6 @@ def check_crls(
     return tuple(sorted(findings, key=lambda f: f.known_until or datetime.min.replace(tzinfo=UTC)))
 
 
-def crl_coverage(trust_dir: Path, *, now: datetime | None = None) -> list[CrlCoverage]:
-    """``TrustStore.revocation_coverage`` of the trust directory as the gateway would load it
-    (``ConfigError`` when it would not)."""
-    return TrustStore.load(trust_dir).revocation_coverage(now)
-
-
 def report_for_settings(
     settings: Settings, partners: PartnerRegistry, within: timedelta, crl_within: timedelta = CRL_WINDOW
 ) -> ExpiryReport:
@@ -267,7 +261,7 @@ def report_for_settings(
     certs = collect_for_settings(settings, partners, problems)
     report = check_expiry(certs, within, partners=partners, now=now, problems=problems)
     try:
-        coverage = crl_coverage(settings.trust_dir, now=now)
+        coverage = TrustStore.load(settings.trust_dir).revocation_coverage(now)  # as the gateway would load it
     except ConfigError as exc:
         return replace(report, crl_within=crl_within, trust_error=str(exc))
     return replace(
