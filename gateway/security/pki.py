@@ -711,6 +711,15 @@ def init_dev_pki_pair(
     return DevPkiPair(home, peer_dir, home_identity, peer_identity, customs, issuer)
 
 
+def set_peer_endpoint(partners: Path, identity: str, endpoint: Mapping[str, Any] | None) -> Any:
+    """Give a dev registry's peer ``identity`` this ``endpoint`` (None: not live); returns the one it had."""
+    registry = yaml.safe_load(partners.read_text(encoding="utf-8"))
+    before = registry["parties"][identity].get("endpoint")
+    registry["parties"][identity]["endpoint"] = None if endpoint is None else dict(endpoint)
+    _dump_registry(partners, registry)
+    return before
+
+
 def set_peer_url(partners: Path, identity: str, url: str) -> None:
     """Point a dev registry's peer ``identity`` at ``url`` (tests and demos pick free loopback ports)."""
     registry = yaml.safe_load(partners.read_text(encoding="utf-8"))

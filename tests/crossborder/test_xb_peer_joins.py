@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from gateway.crossborder_demo import client_tls, home_rules, issue_form_d, post, wait_for_destination
 from gateway.model import State
 from gateway.reload import ReloadOutcome, RoutingReloader
+from gateway.security.pki import set_peer_endpoint
 from gateway.trust_reload import TrustReloader
 from routing.config import read_yaml
 from routing.engine import default_rules_path
@@ -28,11 +28,9 @@ from tests.operator.helpers import write_rules
 TH = "TH-NSW"
 
 
-def set_th_endpoint(dirs: PairDirs, endpoint: dict[str, Any] | None) -> None:
-    path = dirs.vn / "partners.yaml"
-    registry = yaml.safe_load(path.read_text(encoding="utf-8"))
-    registry["parties"][TH]["endpoint"] = endpoint
-    path.write_text(yaml.safe_dump(registry, sort_keys=False), encoding="utf-8")
+def set_th_endpoint(dirs: PairDirs, endpoint: dict[str, Any] | None) -> Any:
+    """TH-NSW's endpoint in VN's registry; returns the one it had."""
+    return set_peer_endpoint(dirs.vn / "partners.yaml", TH, endpoint)
 
 
 async def send_form_d(pair: CrossBorder) -> tuple[int, str | None, str]:
@@ -60,7 +58,7 @@ async def delivered_to_th(pair: CrossBorder, message_id: str, count: int) -> Non
 
 @pytest.fixture(params=["embedded", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
 def vn_settings(request: pytest.FixtureRequest) -> dict[str, Any]:
-    """VN on either broker: on RabbitMQ, publishing to a peer whose queue the reload did not declare fails."""
+    """VN on either broker (on RabbitMQ, with queue names unique to the test, deleted afterwards)."""
     if request.param == "embedded":
         return {}
     handle: Rabbit = request.getfixturevalue("rabbit")
@@ -74,9 +72,7 @@ async def test_a_peer_given_an_endpoint_is_delivered_to_without_a_restart(
     withheld: dict[str, Any] = {}
 
     def th_not_live_yet(dirs: PairDirs) -> None:
-        registry = yaml.safe_load((dirs.vn / "partners.yaml").read_text(encoding="utf-8"))
-        withheld.update(registry["parties"][TH]["endpoint"])
-        set_th_endpoint(dirs, None)
+        withheld.update(set_th_endpoint(dirs, None))
 
     pair = await cross_border(vn_names_th=False, before_open=th_not_live_yet, vn_settings=vn_settings)
     vn = pair.vn.gateway

@@ -14,7 +14,7 @@ import yaml
 from structlog.testing import capture_logs
 
 from adapters.asw import AswAdapter
-from gateway.security.pki import TRADER, set_peer_url
+from gateway.security.pki import TRADER, set_peer_endpoint, set_peer_url
 from gateway.trust_reload import TrustReloader
 from routing.config import read_yaml
 from routing.engine import default_rules_path
@@ -173,10 +173,7 @@ async def test_an_ingress_only_gateway_routes_to_a_peer_that_went_live(
     """`nswgw serve` on RabbitMQ (no worker, so no lane to build): an e-Form D for TH is refused while TH
     has no endpoint in the registry, and queued for asw:TH once it has one. Delivery after a peer went
     live: tests/crossborder/test_xb_peer_joins.py."""
-    registry = certs / "partners.yaml"
-    data = yaml.safe_load(registry.read_text(encoding="utf-8"))
-    endpoint, data["parties"]["TH-NSW"]["endpoint"] = data["parties"]["TH-NSW"]["endpoint"], None
-    registry.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    endpoint = set_peer_endpoint(certs / "partners.yaml", "TH-NSW", None)
     rabbit.destinations.extend(["asw:TH", *read_yaml(default_rules_path())["destinations"]])
     gw = await make_gateway(certs_dir=certs, **rabbit.settings())
     routing = gw.gateway.start_reloader(interval=3600)
@@ -184,8 +181,7 @@ async def test_an_ingress_only_gateway_routes_to_a_peer_that_went_live(
     form_d = signed("eco.atiga-form-d", body_signer="VN-MOIT")  # importingCountry TH
     assert await answer(gw, form_d) == (422, "NO_ROUTE")
 
-    data["parties"]["TH-NSW"]["endpoint"] = endpoint
-    registry.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    set_peer_endpoint(certs / "partners.yaml", "TH-NSW", endpoint)
     assert trust.check() is True
     outcome = await routing.check()
     assert outcome is not None
