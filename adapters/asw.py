@@ -45,7 +45,7 @@ from gateway.proofs import ProofStore, proof_digest
 from gateway.receipts import RECEIPT_NS
 from gateway.retry import RetryAfterFailure
 from gateway.security.parse import parse_message, parse_untrusted
-from gateway.security.sign import Signer, to_bytes
+from gateway.security.sign import EnvelopeSigner, to_bytes
 from gateway.security.verify import Verifier
 
 ASW_KIND: Final = "asw"
@@ -86,7 +86,7 @@ def _readdress(block: etree._Element, party: PartyRef) -> None:
 
 
 def forward_envelope(
-    payload: bytes, *, sender: PartyRef, recipient: PartyRef, signer: Signer, send_date: datetime | None
+    payload: bytes, *, sender: PartyRef, recipient: PartyRef, signer: EnvelopeSigner, send_date: datetime | None
 ) -> Forward:
     """``payload`` (a verified envelope) readdressed From ``sender`` To ``recipient`` and re-signed by
     ``signer``. ``send_date`` None keeps the original. Raises ``Rejected`` if ``payload`` is no envelope."""
@@ -194,7 +194,7 @@ class PeerContext:
     """What a peer adapter needs from its gateway: who it is, its key, whom it trusts, where proofs go."""
 
     gateway: PartyRef
-    signer: Signer
+    signer: EnvelopeSigner
     verifier: Verifier  # the trust store and partner registry the ingress uses
     proofs: ProofStore
 

@@ -51,6 +51,8 @@ Exported (a single process: its own counts, Prometheus sums separate ingress and
     nsw_routing_reloads_total{outcome}                ok | error
     nsw_trust_reloads_total{outcome}                  ok | error: trust directory and partner registry re-read
                                                       after a change (error: the old ones stay in force)
+    nsw_signing_renewals_total{outcome}               ok | error: the gateway's own signing key and certificate
+                                                      renewed in place (error: the pair in force keeps signing)
 """
 
 from __future__ import annotations
@@ -181,9 +183,13 @@ class GatewayMetrics:
         )
         for code in ErrorCode:
             self.rejected.labels(code=code.value)  # every code is a series from the start, at 0
+        self.signing_renewals = Counter(
+            "nsw_signing_renewals", "The gateway's signing key and certificate renewed", ["outcome"], registry=r
+        )
         for outcome in ("ok", "error"):
             self.reloads.labels(outcome=outcome)
             self.trust_reloads.labels(outcome=outcome)
+            self.signing_renewals.labels(outcome=outcome)
         if multiprocess_dir is not None:
             if values.ValueClass is values.MutexValue:
                 raise ValueError(f"{MULTIPROC_ENV} must be set before prometheus_client is imported")

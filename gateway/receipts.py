@@ -18,7 +18,7 @@ from lxml import etree
 from gateway.envelope import RECEIPT_FUNCTION, REJECTION_FUNCTION, build_envelope, format_datetime
 from gateway.errors import Rejected
 from gateway.model import Header, PartyRef
-from gateway.security.sign import Signer, to_bytes
+from gateway.security.sign import EnvelopeSigner, to_bytes
 
 RECEIPT_NS: Final = "urn:nsw:receipt:1"
 RECEIPT_TYPE: Final = "nsw.receipt"
@@ -58,7 +58,7 @@ def _document(root: str, fields: Sequence[tuple[str, str]]) -> etree._Element:
 class ReceiptFactory:
     """Builds and signs receipts and rejections on behalf of the gateway party ``gateway``."""
 
-    def __init__(self, signer: Signer, gateway: PartyRef) -> None:
+    def __init__(self, signer: EnvelopeSigner, gateway: PartyRef) -> None:
         self.signer = signer
         self.gateway = gateway
 

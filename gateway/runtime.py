@@ -34,9 +34,9 @@ from gateway.proofs import ProofStore
 from gateway.receipts import ReceiptFactory
 from gateway.reload import DEFAULT_INTERVAL, RoutingReloader
 from gateway.security.expiry import CertificateInventory
-from gateway.security.sign import Signer
 from gateway.security.trust import TrustStore
 from gateway.security.verify import Verifier
+from gateway.signing_renewal import RenewingSigner, verified_here
 from gateway.stores.base import Ledger
 from gateway.stores.factory import make_ledger
 from gateway.trust_reload import TrustReloader
@@ -72,7 +72,7 @@ class Gateway:
     routing: RoutingTable
     broker: Broker
     ledger: Ledger
-    signer: Signer
+    signer: RenewingSigner
     receipts: ReceiptFactory
     pipeline: Pipeline
     worker: Worker | None = None
@@ -89,12 +89,20 @@ class Gateway:
         partners = PartnerRegistry.load(settings.partners_path)
         validator = Validator(DocumentTypeRegistry.load(settings.registry_file))
         routing = routing or load_routing(settings)
-        signer = Signer.from_files(settings.gateway_key, settings.gateway_cert)
         me = partners.get(settings.gateway_identity)
         gateway_party = PartyRef(
             identity=settings.gateway_identity,
             name=me.name if me else settings.gateway_name,
             country_code=me.country if me else settings.gateway_country,
+        )
+        verifier = Verifier(trust, partners)
+        metrics = metrics if metrics is not None else GatewayMetrics()
+        signer = RenewingSigner(  # renewed in place: gateway/signing_renewal.py
+            settings.gateway_key,
+            settings.gateway_cert,
+            probe=verified_here(verifier, gateway_party),
+            also_watch=lambda: [settings.partners_path, *trust.source_files()],
+            on_renewal=lambda outcome: metrics.signing_renewals.labels(outcome=outcome).inc(),
         )
         receipts = ReceiptFactory(signer, gateway_party)
         peers = peer_destinations(partners)
@@ -107,7 +115,6 @@ class Gateway:
         )
         await ledger.open()
         # Metrics are counted from the events the ledger carries (gateway/metrics.py); one registry per gateway.
-        metrics = metrics if metrics is not None else GatewayMetrics()
         ledger = MetricsLedger(ledger, EventCounter(metrics, is_party=lambda p: partners.get(p) is not None))
         broker = broker_for(settings)
         try:
@@ -118,7 +125,7 @@ class Gateway:
             raise
         admission = Admission(
             settings=settings,
-            verifier=Verifier(trust, partners),
+            verifier=verifier,
             validator=validator,
             partners=partners,
             routing=routing,
@@ -190,8 +197,9 @@ class Gateway:
         return {name: state for worker in workers for name, state in worker.breaker_states().items()}
 
     def start_reloader(self, *, interval: float = DEFAULT_INTERVAL) -> RoutingReloader:
-        """Watch the routing rules file, the trust directory and the partner registry (gateway/reload.py,
-        gateway/trust_reload.py), and honour ``reloader.request()``, e.g. from SIGHUP."""
+        """Watch the routing rules file, the trust directory, the partner registry and the gateway's signing
+        key and certificate (gateway/reload.py, gateway/trust_reload.py, gateway/signing_renewal.py), and
+        honour ``reloader.request()``, e.g. from SIGHUP."""
         if self.reloader is None:
             self.reloader = RoutingReloader(self, self.settings.routing_file or default_rules_path(), interval=interval)
             if self.trust.source is not None:
@@ -202,6 +210,8 @@ class Gateway:
                     on_reload=lambda outcome: self.metrics.trust_reloads.labels(outcome=outcome).inc(),
                 )
                 self.reloader.also_poll(self.trust_reloader.check)
+            # after the trust check: a new pair is probed against the trust and registry just read
+            self.reloader.also_poll(self.signer.renew_if_changed)
             self.reloader.start()
         return self.reloader
 

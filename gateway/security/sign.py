@@ -20,13 +20,13 @@ from collections.abc import Sequence
 from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.padding import PKCS1v15
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_pem_private_key
 from lxml import etree
 from signxml.algorithms import (
     CanonicalizationMethod,
@@ -131,22 +131,46 @@ class _SystemSignatureTemplate:
 
 
 def load_private_key(path: Path) -> PrivateKey:
-    key = load_pem_private_key(path.read_bytes(), password=None)
+    return private_key_from_pem(path.read_bytes(), str(path))
+
+
+def private_key_from_pem(data: bytes, source: str) -> PrivateKey:
+    key = load_pem_private_key(data, password=None)
     if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
-        raise TypeError(f"{path}: only RSA and ECDSA keys are supported")
+        raise TypeError(f"{source}: only RSA and ECDSA keys are supported")
     return key
 
 
 def load_cert_chain(path: Path) -> list[x509.Certificate]:
-    chain = x509.load_pem_x509_certificates(path.read_bytes())
+    return cert_chain_from_pem(path.read_bytes(), str(path))
+
+
+def cert_chain_from_pem(data: bytes, source: str) -> list[x509.Certificate]:
+    chain = x509.load_pem_x509_certificates(data)
     if not chain:
-        raise ValueError(f"{path}: no certificate found")
+        raise ValueError(f"{source}: no certificate found")
     return chain
+
+
+def key_matches(key: PrivateKey, cert: x509.Certificate) -> bool:
+    """True if ``cert`` certifies ``key``'s public half (a signature by ``key`` verifies against ``cert``)."""
+
+    def spki(public: Any) -> bytes:
+        return bytes(public.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo))
+
+    return spki(key.public_key()) == spki(cert.public_key())
 
 
 def common_name(cert: x509.Certificate) -> str:
     names = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
     return str(names[0].value) if names else cert.subject.rfc4514_string()
+
+
+class EnvelopeSigner(Protocol):
+    """What signs the gateway's own envelopes (receipts, rejections, forwards to peers): a ``Signer``, or
+    the gateway's renewable one (``gateway.signing_renewal.RenewingSigner``)."""
+
+    def sign_envelope(self, envelope: etree._Element, *, copy: bool = True) -> etree._Element: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +188,11 @@ class Signer:
     @classmethod
     def from_files(cls, key_path: Path, cert_path: Path, *, legacy_sha1: bool = False) -> Signer:
         return cls(load_private_key(key_path), tuple(load_cert_chain(cert_path)), legacy_sha1)
+
+    @classmethod
+    def from_pem(cls, key: bytes, cert: bytes, *, source: str = "the signing key and certificate") -> Signer:
+        """From the files' bytes as read once (a renewal must check and use the very bytes it read)."""
+        return cls(private_key_from_pem(key, source), tuple(cert_chain_from_pem(cert, source)))
 
     @property
     def identity(self) -> str:
