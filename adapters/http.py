@@ -180,12 +180,21 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
 
 
 def client_ssl_context(ca: Path | None, client_cert: Path | None, client_key: Path | None) -> ssl.SSLContext | None:
-    """Verification against ``ca`` (else the system store) and our client certificate for mutual TLS."""
+    """Verification against ``ca`` (else the system store) and our client certificate for mutual TLS.
+
+    A file that cannot be loaded raises ``OSError`` naming it: OpenSSL's own errors ("[Errno 2] No such
+    file or directory", "[X509] PEM lib") do not say which of the three files is at fault."""
     if ca is None and client_cert is None:
         return None
-    context = ssl.create_default_context(cafile=str(ca) if ca else None)
+    try:
+        context = ssl.create_default_context(cafile=str(ca) if ca else None)
+    except OSError as exc:  # ssl.SSLError included
+        raise OSError(f"ca {ca}: {exc}") from exc
     if client_cert is not None:
-        context.load_cert_chain(str(client_cert), str(client_key) if client_key else None)
+        try:
+            context.load_cert_chain(str(client_cert), str(client_key) if client_key else None)
+        except OSError as exc:
+            raise OSError(f"client_cert {client_cert} / client_key {client_key}: {exc}") from exc
     return context
 
 

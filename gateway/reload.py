@@ -94,7 +94,7 @@ class RoutingReloader:
         self._on_outcome = on_outcome
         self._seen = self._signature()
         self._files_seen: tuple[FileStamp, ...] = ()  # changed adapter files a reload last tried
-        self._peers_seen = gateway.pipeline.admission.extra_destinations  # the peers a reload last tried
+        self._peers_seen = self._peer_state()  # the peers a reload last tried
         self._poke = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._waiters: list[asyncio.Future[ReloadOutcome]] = []
@@ -142,7 +142,7 @@ class RoutingReloader:
                 self._seen = None
                 return None
             files = stamp_files(sorted({path for paths in self._rotated().values() for path in paths}))
-            peers = peer_destinations(self.gateway.partners)
+            peers = self._peer_state()
             if not force and signature == self._seen and files == self._files_seen and peers == self._peers_seen:
                 return None
             # A faulty file (rules, an adapter's certificate, a peer's endpoint) is not retried until it
@@ -289,6 +289,17 @@ class RoutingReloader:
             await _close_all([*fresh.values(), *replacing.values()])
             raise
         return fresh, replacing
+
+    def _peer_state(self) -> tuple[object, ...]:
+        """What the peers' lanes are built from: the ``asw:`` destinations, the endpoints and the stamps of
+        the TLS files those name. A peer that failed to join (a missing CA file) has no adapter whose
+        files could be watched: it is tried again when its entry or one of those files changes."""
+        partners = self.gateway.partners
+        endpoints = [
+            (p.identity, p.endpoint) for p in partners.parties() if p.role == "peer" and p.endpoint is not None
+        ]
+        tls = [path for _, e in endpoints for path in (e.ca, e.client_cert, e.client_key)]
+        return peer_destinations(partners), tuple(endpoints), stamp_files(tls)
 
     def _rotated(self) -> dict[str, list[str]]:
         """Destinations whose running adapter loaded files that have changed since, with those files; an

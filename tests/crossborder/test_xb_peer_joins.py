@@ -8,6 +8,7 @@ them (NO_ROUTE), and giving it back must use the lane that kept draining.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -112,3 +113,43 @@ async def test_a_peer_given_an_endpoint_is_delivered_to_without_a_restart(
     status, code, again = await send_form_d(pair)
     assert (status, code) == (202, None), again
     await delivered_to_th(pair, again, 2)
+
+
+async def test_a_peer_that_cannot_join_is_tried_again_when_what_it_lacked_appears(
+    cross_border: Callable[..., Awaitable[CrossBorder]], tmp_path: Path
+) -> None:
+    """TH given an endpoint whose CA file is not there yet: the reload that would add it fails naming the
+    file, the polls after it do not try the same again (one error, not one every few seconds), and the
+    file put in place is noticed at the next poll, with no registry edit."""
+    withheld: dict[str, Any] = {}
+
+    def th_not_live_yet(dirs: PairDirs) -> None:
+        withheld.update(set_th_endpoint(dirs, None))
+
+    pair = await cross_border(vn_names_th=False, before_open=th_not_live_yet)
+    vn = pair.vn.gateway
+    rules = write_rules(tmp_path / "vn-rules.yaml", home_rules(pair.vn_agencies.url, tmp_path / "vn-archive", peers=()))
+    trust = TrustReloader(vn.trust, vn.partners, vn.settings.partners_path)
+    routing = RoutingReloader(vn, rules)
+    vn.reloader = routing  # closed with the gateway
+
+    ca = pair.dirs.vn / "peer-tls" / "th-ca.pem"
+    set_th_endpoint(pair.dirs, {**withheld, "tls": {**withheld["tls"], "ca": "peer-tls/th-ca.pem"}})
+    assert trust.check() is True  # the registry itself loads: the file is only opened for the adapter
+    failed = await routing.check()
+    assert failed is not None
+    assert not failed.ok
+    assert str(ca) in str(failed.error)
+    assert await routing.check() is None  # nothing changed since: not tried again
+    status, code, _ = await send_form_d(pair)
+    assert (status, code) == (422, "NO_ROUTE")
+
+    ca.parent.mkdir()
+    shutil.copyfile(pair.dirs.vn / withheld["tls"]["ca"], ca)
+    joined = await routing.check()
+    assert joined is not None
+    assert joined.ok, joined.error
+    assert joined.peers_joined == ("asw:TH",)
+    status, code, eco_id = await send_form_d(pair)
+    assert (status, code) == (202, None), eco_id
+    await delivered_to_th(pair, eco_id, 1)
