@@ -24,6 +24,9 @@ A refused pair is tried again when the key, the certificate, the registry or a t
 (the fingerprint registered after the files were copied, a missing intermediate added), never on every
 poll. At start-up a key that does not match its certificate is fatal; a pair that does not verify
 here only logs ``signing.unverifiable``, as a gateway whose registry does not list itself always could.
+The same warning follows a registry or trust change that leaves the pair in force unverifiable (its
+certificate revoked, its fingerprint taken out of the registry): receipts it signs are refused by
+partners that share that trust.
 """
 
 from __future__ import annotations
@@ -91,10 +94,7 @@ class RenewingSigner:
             raise ConfigError(f"the gateway's signing key or certificate does not load: {exc}") from exc
         if not key_matches(self.current.key, self.current.chain[0]):
             raise ConfigError(f"the gateway's signing key {key} is not the key of its certificate {cert}")
-        try:
-            probe(self.current)
-        except Rejected as exc:
-            log.warning("signing.unverifiable", code=exc.code.value, error=exc.detail, **_described(self.current))
+        self._warn_if_unverifiable(self.current)
 
     def sign_envelope(self, envelope: etree._Element, *, copy: bool = True) -> etree._Element:
         return self.current.sign_envelope(envelope, copy=copy)
@@ -110,8 +110,9 @@ class RenewingSigner:
             files = self._read()
         except OSError as exc:
             return self._refused(changed, None, str(exc))
-        if files == self._in_force:
-            return False  # only the registry or trust changed, or the same bytes were written again
+        if files == self._in_force:  # the registry or trust changed (or the same bytes were written again)
+            self._warn_if_unverifiable(self.current)
+            return False
         candidate = self._check(files)
         if isinstance(candidate, _Unfit):
             return self._refused(changed, candidate.code, candidate.error)
@@ -125,6 +126,14 @@ class RenewingSigner:
             detail="envelopes are signed with the new key from now on",
         )
         return True
+
+    def _warn_if_unverifiable(self, signer: Signer) -> None:
+        """The pair in force no longer verifies here (its certificate revoked or unbound in the registry,
+        or never did at start-up): partners sharing our trust and registry refuse what it signs."""
+        try:
+            self._probe(signer)
+        except Rejected as exc:
+            log.warning("signing.unverifiable", code=exc.code.value, error=exc.detail, **_described(signer))
 
     def _check(self, files: tuple[bytes, bytes]) -> Signer | _Unfit:
         try:

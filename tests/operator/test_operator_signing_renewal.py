@@ -231,6 +231,24 @@ async def test_a_revoked_certificate_is_refused(
     assert receipt_signer(certs, await receipt_of(gw, signed)) == old
 
 
+async def test_revoking_the_pair_in_force_is_warned_of(make_gateway: Callable[..., Any], certs: Path) -> None:
+    """A CRL listing the gateway's own certificate: nothing to renew to, but every receipt it signs from
+    now on is refused by partners sharing that trust, and the operator is told at the poll."""
+    gw = await make_gateway(certs_dir=certs)
+    poll = poller(gw)
+    with capture_logs() as captured:
+        assert poll() is False
+    assert signing_events(captured) == []  # a poll with nothing changed says nothing
+    fresh = datetime.now(UTC) - timedelta(minutes=1)
+    write_crl(certs, this_update=fresh, lifetime=timedelta(days=1), revoked=[in_place(certs).cert])
+    with capture_logs() as captured:
+        assert poll() is False
+        assert poll() is False  # said once per change
+    logs = signing_events(captured)
+    assert [(e["event"], e["code"]) for e in logs] == [("signing.unverifiable", "CERT_REVOKED")]
+    assert logs[0]["fingerprint"] == sha256_of(in_place(certs))
+
+
 async def test_files_that_do_not_load_are_refused(
     make_gateway: Callable[..., Any], signed: Callable[..., bytes], certs: Path
 ) -> None:
