@@ -40,13 +40,14 @@ from adapters.options import Options
 from gateway.envelope import NSMAP, format_datetime, parse_header, q
 from gateway.errors import ConfigError, ErrorCode, PermanentFailure, Rejected, TransientFailure
 from gateway.model import Delivery, Header, PartyRef
-from gateway.partners import Party, PeerEndpoint
+from gateway.partners import PartnerRegistry, Party, PeerEndpoint
 from gateway.proofs import ProofStore, proof_digest
 from gateway.receipts import RECEIPT_NS
 from gateway.retry import RetryAfterFailure
 from gateway.security.parse import parse_message, parse_untrusted
 from gateway.security.sign import EnvelopeSigner, to_bytes
 from gateway.security.verify import Verifier
+from routing.config import DestinationConfig
 
 ASW_KIND: Final = "asw"
 PEER_PREFIX: Final = "asw:"
@@ -141,15 +142,15 @@ class HttpsPeerTransport:
         if endpoint.client_cert is None or endpoint.client_key is None:
             raise ValueError(f"endpoint {endpoint.url}: mutual TLS needs client_cert and client_key")
         self.url = endpoint.url
-        self._settings = settings
+        self.settings = settings
         self.loaded_files = stamp_files((endpoint.ca, endpoint.client_cert, endpoint.client_key))  # see stamp_files
         self._ssl = client_ssl_context(endpoint.ca, endpoint.client_cert, endpoint.client_key)
         self._session: aiohttp.ClientSession | None = None
 
     def _open(self) -> aiohttp.ClientSession:
         # Made on first use: a session belongs to the running event loop.
-        connector = aiohttp.TCPConnector(limit=self._settings.max_in_flight, ssl=self._ssl or True)
-        timeout = aiohttp.ClientTimeout(total=self._settings.timeout, sock_connect=self._settings.connect_timeout)
+        connector = aiohttp.TCPConnector(limit=self.settings.max_in_flight, ssl=self._ssl or True)
+        timeout = aiohttp.ClientTimeout(total=self.settings.timeout, sock_connect=self.settings.connect_timeout)
         self._session = aiohttp.ClientSession(connector=connector, timeout=timeout)
         return self._session
 
@@ -355,3 +356,31 @@ def build_peer_adapter(
     except (ValueError, OSError, ssl.SSLError) as exc:
         raise ConfigError(f"destination {name!r} ({ASW_KIND} adapter): peer {identity}: {exc}") from exc
     return AswAdapter(name, peer, context, transport)
+
+
+def withheld_peers(destinations: Mapping[str, DestinationConfig], partners: PartnerRegistry) -> dict[str, str]:
+    """The rules file's ASW destinations whose peer NSW the partner registry gives no endpoint, each with why.
+
+    The registry decides which peers are live, named in the rules file or not: such a destination is
+    not routed to (NO_ROUTE at the ingress) and gets no lane until the registry gives its peer an
+    endpoint, with no edit of the rules. A destination whose peer cannot be told (several peers for the
+    country and no ``peer`` option, or a ``peer`` option naming a party that is not a peer) is not
+    withheld: that is a fault of the rules file, which ``build_peer_adapter`` reports.
+    """
+    live = {p.identity: p for p in partners.parties() if p.role == "peer" and p.endpoint is not None}
+    withheld: dict[str, str] = {}
+    for name, destination in destinations.items():
+        if destination.adapter != ASW_KIND:
+            continue
+        named = destination.options.get("peer")
+        if isinstance(named, str):
+            party = partners.get(named)
+            if party is None:
+                withheld[name] = f"peer {named} is not in the partner registry"
+            elif party.role == "peer" and party.endpoint is None:
+                withheld[name] = f"peer {named} has no endpoint in the partner registry"
+        elif name.startswith(PEER_PREFIX):
+            country = name.removeprefix(PEER_PREFIX)
+            if not any(p.country == country for p in live.values()):
+                withheld[name] = f"no peer NSW for {country} has an endpoint in the partner registry"
+    return withheld

@@ -248,6 +248,7 @@ def cmd_sign(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from adapters.asw import withheld_peers
     from gateway.partners import PartnerRegistry, peer_destinations
     from gateway.pipeline import Admission
     from gateway.runtime import load_routing
@@ -258,13 +259,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
     settings = _settings(args)
     trust = TrustStore.load(settings.trust_dir)
     partners = PartnerRegistry.load(settings.partners_path)
+    routing = load_routing(settings)
     admission = Admission(
         settings=settings,
         verifier=Verifier(trust, partners),
         validator=Validator(DocumentTypeRegistry.load(settings.registry_file)),
         partners=partners,
-        routing=load_routing(settings),
+        routing=routing,
         extra_destinations=peer_destinations(partners),
+        withheld=withheld_peers(routing.destinations, partners),
     )
     try:
         routed = admission.admit(args.file.read_bytes())
@@ -323,6 +326,7 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def cmd_routes_explain(args: argparse.Namespace) -> int:
+    from adapters.asw import withheld_peers
     from gateway.envelope import content_document, parse_header
     from gateway.partners import PartnerRegistry, peer_destinations
     from gateway.runtime import load_routing
@@ -330,8 +334,14 @@ def cmd_routes_explain(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     root = parse_untrusted(args.file.read_bytes())
-    peers = peer_destinations(PartnerRegistry.load(settings.partners_path)) if settings.partners_path.exists() else ()
-    explanation = load_routing(settings).explain(parse_header(root), content_document(root), extra_destinations=peers)
+    routing = load_routing(settings)
+    partners = PartnerRegistry.load(settings.partners_path) if settings.partners_path.exists() else None
+    explanation = routing.explain(
+        parse_header(root),
+        content_document(root),
+        extra_destinations=peer_destinations(partners) if partners else (),
+        withheld=withheld_peers(routing.destinations, partners) if partners else {},
+    )
     print(explanation.render())
     return EXIT_OK
 

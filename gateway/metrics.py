@@ -48,6 +48,8 @@ Exported (a single process: its own counts, Prometheus sums separate ingress and
     nsw_crl_expiry_seconds{ca,fingerprint}             per CA with CRLs: seconds until its revocation status stops
                                                       being known (the covering CRLs' nextUpdate); <= 0: stale,
                                                       signers under that CA are refused CERT_UNTRUSTED now
+    nsw_peer_withheld{destination}                    1 for an ASW peer the rules file names and the partner registry
+                                                      gives no endpoint: refused NO_ROUTE, no lane, until it has one
     nsw_routing_reloads_total{outcome}                ok | error
     nsw_trust_reloads_total{outcome}                  ok | error: trust directory and partner registry re-read
                                                       after a change (error: the old ones stay in force)
@@ -403,6 +405,24 @@ class BreakerCollector(Collector):
         family = GaugeMetricFamily(BREAKER_METRIC, BREAKER_HELP, labels=["destination", "state"])
         for destination, state, value in breaker_samples(self._states()):
             family.add_metric([destination, state], value)
+        yield family
+
+
+class WithheldPeersCollector(Collector):
+    """``nsw_peer_withheld``: the named ASW peers the partner registry gives no endpoint, read at scrape
+    time (every child of ``--processes N`` reads the same files, so the answering child serves it)."""
+
+    def __init__(self, withheld: Callable[[], Iterable[str]]) -> None:
+        self._withheld = withheld
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily(
+            "nsw_peer_withheld",
+            "1 for an ASW peer the rules name and the partner registry gives no endpoint: not routed to",
+            labels=["destination"],
+        )
+        for destination in sorted(self._withheld()):
+            family.add_metric([destination], 1.0)
         yield family
 
 

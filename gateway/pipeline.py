@@ -26,7 +26,7 @@ commit, the broker's confirms, the event loop's other work.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import pairwise
@@ -87,6 +87,7 @@ class Admission:
         partners: PartnerRegistry,
         routing: RoutingTable,
         extra_destinations: Collection[str] = (),
+        withheld: Mapping[str, str] | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.settings = settings
@@ -94,7 +95,8 @@ class Admission:
         self.validator = validator
         self.partners = partners
         self.routing = routing  # replaced atomically on reload
-        self.extra_destinations = frozenset(extra_destinations)
+        self.extra_destinations = frozenset(extra_destinations)  # ASW peers routable without being named
+        self.withheld: Mapping[str, str] = withheld or {}  # named ASW peers with no endpoint: why (replaced on reload)
         self.limiter = RateLimiter(settings.rate_per_party, settings.rate_burst)
         self.clock = clock
 
@@ -157,7 +159,10 @@ class Admission:
 
     def route(self, validated: ValidatedMessage) -> RoutedMessage:
         routes = self.routing.route(
-            validated.verified.header, validated.content, extra_destinations=self.extra_destinations
+            validated.verified.header,
+            validated.content,
+            extra_destinations=self.extra_destinations,
+            withheld=self.withheld,
         )
         return RoutedMessage(validated=validated, routes=routes)
 

@@ -26,7 +26,10 @@ its adapter built and consumed with the default options (``_unnamed_peer``) befo
 all in the swap above. A peer whose endpoint was taken away is no longer routed to: messages for it are
 refused ``NO_ROUTE`` at the ingress instead of being accepted for a peer whose receipts can no longer
 verify; its queue keeps draining like a removed destination's. A registry change of peers alone triggers
-the reload, like a changed rules file.
+the reload, like a changed rules file. A peer the rules file names is live on the same terms
+(``adapters.asw.withheld_peers``): while the registry gives it no endpoint it is withheld (NO_ROUTE, no
+new lane, no adapter rebuilt: none could be), and when it gets one it joins with the file's options, on
+the lane it had if it had one (whose adapter is rebuilt for the rules and endpoint in force).
 
 Any failure in 1-3 keeps the old rules and logs ``routing.reload_rejected`` with the error text; a
 file that failed is not retried until it changes again (or SIGHUP). What a reload does NOT do: stop
@@ -41,14 +44,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import structlog
 
-from adapters.asw import ASW_KIND, AswAdapter
+from adapters.asw import ASW_KIND, AswAdapter, withheld_peers
 from adapters.base import Adapter, FileStamp, changed_files, stamp_files
 from gateway.errors import BrokerUnavailable, ConfigError
 from gateway.partners import peer_destinations
@@ -77,6 +80,7 @@ class ReloadOutcome:
     rotated: tuple[str, ...] = ()  # adapters rebuilt because files they loaded (or a peer's endpoint) changed
     peers_joined: tuple[str, ...] = ()  # asw:<country> destinations the partner registry added
     peers_left: tuple[str, ...] = ()  # asw:<country> destinations it took away: no longer routed to
+    withheld: tuple[str, ...] = ()  # ASW destinations of the rules whose peer has no endpoint: not routed to
 
 
 class RoutingReloader:
@@ -196,30 +200,34 @@ class RoutingReloader:
         removed = tuple(sorted(set(old.destinations) - set(new.destinations)))
         kept = set(new.destinations) & set(old.destinations)
         changed = tuple(sorted(n for n in kept if new.destinations[n] != old.destinations[n]))
-        peers, old_peers = peer_destinations(gw.partners), gw.pipeline.admission.extra_destinations
-        joined = tuple(sorted(peers - old_peers - set(new.destinations)))
-        left = tuple(sorted(old_peers - peers - set(new.destinations)))
+        admission = gw.pipeline.admission
+        was_withheld = admission.withheld
+        peers, withheld, joined, left = self._peer_change(new, added, removed)
         workers = self._workers()
-        rotated = self._rotated() if workers else {}
+        rotated = {n: f for n, f in self._rotated().items() if n not in withheld} if workers else {}
         lanes = {name for w in workers for name in w.destinations}
-        # A destination some worker here already has a lane for (changed, rotated, or a peer delivered to
-        # with default options until the file named it) is reconfigured there; the others get new lanes.
-        retuned = {name: w for name in (*changed, *added, *rotated) for w in workers if name in w.destinations}
+        # A destination some worker here already has a lane for (changed, rotated, a peer delivered to
+        # with default options until the file named it, or a peer that left and came back: its lane kept
+        # draining) is reconfigured there; the others get new lanes. A withheld peer gets no adapter: none
+        # can be built without an endpoint, and its lane, if it has one, keeps the one it has.
+        retuned = {name: w for name in (*changed, *added, *rotated, *joined) for w in workers if name in w.destinations}
+        rebuild = {*rotated, *joined}  # a peer back with its lane gets an adapter for the rules and endpoint in force
         fresh: dict[str, Adapter] = {}  # for new lanes
         replacing: dict[str, Adapter] = {}  # for existing lanes whose adapter settings or files changed
         try:
             if workers:
-                # A peer that left and came back still has its lane (it kept draining): that lane serves it.
-                new_lanes = [n for n in added if n not in retuned] + [n for n in joined if n not in lanes]
-                fresh, replacing = await self._new_adapters(new, old, new_lanes, retuned, rotated)
+                new_lanes = [n for n in (*added, *joined) if n not in lanes and n not in withheld]
+                renewed = [n for n in retuned if n not in withheld]
+                fresh, replacing = await self._new_adapters(new, old, new_lanes, renewed, rebuild)
             await gw.broker.declare([*added, *joined])
         except (ConfigError, BrokerUnavailable) as exc:
             await _close_all([*fresh.values(), *replacing.values()])
             return self._rejected(source, str(exc), old)
 
         # The swap: one assignment for the rules, and no await until every lane has its new settings.
-        gw.pipeline.admission.routing = new
-        gw.pipeline.admission.extra_destinations = peers
+        admission.routing = new
+        admission.extra_destinations = peers
+        admission.withheld = withheld
         gw.routing = new
         for name, worker in retuned.items():
             dest = new.destinations.get(name)  # None: a removed destination or an unnamed peer, rotated
@@ -247,7 +255,10 @@ class RoutingReloader:
             rotated=sorted(rotated),
             peers_joined=list(joined),
             peers_left=list(left),
+            peers_withheld=sorted(withheld),
         )
+        for name in sorted(set(withheld) - set(was_withheld)):
+            log.warning("routing.peer_withheld", destination=name, detail=f"not routed to: {withheld[name]}")
         for name in sorted(retuned):
             dest = new.destinations.get(name)
             log.info(
@@ -264,7 +275,23 @@ class RoutingReloader:
                 detail="running workers keep draining the queues of removed destinations, with their last "
                 "settings, until they restart",
             )
-        return ReloadOutcome(True, source, None, added, removed, changed, tuple(sorted(rotated)), joined, left)
+        return ReloadOutcome(
+            True, source, None, added, removed, changed, tuple(sorted(rotated)), joined, left, tuple(sorted(withheld))
+        )
+
+    def _peer_change(
+        self, new: RoutingTable, added: Iterable[str], removed: Iterable[str]
+    ) -> tuple[frozenset[str], dict[str, str], tuple[str, ...], tuple[str, ...]]:
+        """The partner registry's peers, the ``new`` rules' withheld peers, and which ASW destinations
+        become routed to (joined) or stop being routed to (left) compared with the rules and peers in
+        force; a destination the rules file itself adds or removes is reported as such instead."""
+        admission = self.gateway.pipeline.admission
+        peers = peer_destinations(self.gateway.partners)
+        withheld = withheld_peers(new.destinations, self.gateway.partners)
+        live = _live_peers(new, peers, withheld)
+        was_live = _live_peers(admission.routing, admission.extra_destinations, admission.withheld)
+        joined, left = live - was_live - set(added), was_live - live - set(removed)
+        return peers, withheld, tuple(sorted(joined)), tuple(sorted(left))
 
     async def _new_adapters(
         self,
@@ -272,10 +299,11 @@ class RoutingReloader:
         old: RoutingTable,
         lanes: list[str],
         retuned: Iterable[str],
-        rotated: Mapping[str, list[str]],
+        rebuild: Collection[str],
     ) -> tuple[dict[str, Adapter], dict[str, Adapter]]:
         """Adapters for the new ``lanes``, and replacements for the ``retuned`` destinations whose adapter
-        settings or loaded files changed; a bad option raises ``ConfigError`` and leaves none of them open."""
+        settings changed or which are to be rebuilt anyway (``rebuild``: loaded files changed, a peer
+        back); a bad option raises ``ConfigError`` and leaves none of them open."""
         fresh: dict[str, Adapter] = {}
         replacing: dict[str, Adapter] = {}
         try:
@@ -283,7 +311,7 @@ class RoutingReloader:
                 fresh[name] = self.gateway.adapter_for(new.destinations.get(name) or _unnamed_peer(name))
             for name in retuned:
                 dest = new.destinations.get(name) or old.destinations.get(name) or _unnamed_peer(name)
-                if name in rotated or _adapter_settings_differ(dest, old.destinations.get(name)):
+                if name in rebuild or _adapter_settings_differ(dest, old.destinations.get(name)):
                     replacing[name] = self.gateway.adapter_for(dest)
         except ConfigError:
             await _close_all([*fresh.values(), *replacing.values()])
@@ -337,6 +365,13 @@ async def _close_all(adapters: list[Adapter]) -> None:
             await adapter.close()
         except Exception:  # a reload that is already being refused must still report why
             log.exception("routing.adapter_close_failed", adapter=repr(adapter))
+
+
+def _live_peers(table: RoutingTable, peers: Collection[str], withheld: Collection[str]) -> set[str]:
+    """The ASW destinations routed to under ``table``: the peers it names and the registry does not
+    withhold, and the registry's ``peers`` it does not name."""
+    named = {name for name, d in table.destinations.items() if d.adapter == ASW_KIND and name not in withheld}
+    return named | {name for name in peers if name not in table.destinations}
 
 
 def _unnamed_peer(name: str) -> DestinationConfig:

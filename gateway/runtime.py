@@ -14,7 +14,7 @@ from typing import Any
 
 import structlog
 
-from adapters.asw import ASW_KIND, PeerContext, build_peer_adapter
+from adapters.asw import ASW_KIND, PeerContext, build_peer_adapter, withheld_peers
 from adapters.base import Adapter
 from adapters.registry import build_adapter
 from gateway.brokers.base import Broker
@@ -26,6 +26,7 @@ from gateway.metrics import (
     EventCounter,
     GatewayMetrics,
     MetricsLedger,
+    WithheldPeersCollector,
 )
 from gateway.model import PartyRef
 from gateway.partners import PartnerRegistry, peer_destinations
@@ -106,6 +107,7 @@ class Gateway:
         )
         receipts = ReceiptFactory(signer, gateway_party)
         peers = peer_destinations(partners)
+        withheld = withheld_peers(routing.destinations, partners)
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         ledger = make_ledger(
             settings.database_url,
@@ -130,6 +132,7 @@ class Gateway:
             partners=partners,
             routing=routing,
             extra_destinations=peers,
+            withheld=withheld,
         )
         pipeline = Pipeline(
             admission, broker=broker, ledger=ledger, receipts=receipts, on_stages=metrics.observe_stages
@@ -140,12 +143,15 @@ class Gateway:
             destinations=sorted(routing.destinations),
             document_types=len(list(validator.registry)),
         )
+        for name, why in sorted(withheld.items()):
+            log.warning("routing.peer_withheld", destination=name, detail=f"not routed to, no lane: {why}")
         gateway = cls(
             settings, trust, partners, validator, routing, broker, ledger, signer, receipts, pipeline, metrics=metrics
         )
         metrics.watch_breakers(gateway.breaker_states)
         metrics.add_collector(CertificateExpiryCollector(CertificateInventory(settings, partners).current))
         metrics.add_collector(CrlExpiryCollector(trust.revocation_coverage))
+        metrics.add_collector(WithheldPeersCollector(lambda: pipeline.admission.withheld))
         return gateway
 
     def build_adapters(self, base_dir: Path | None = None) -> dict[str, Adapter]:
@@ -153,9 +159,11 @@ class Gateway:
         # ASW peers need the gateway itself (its key, trust store, registry), not just options. A peer
         # the routing file does not list as a destination (adapter: asw) gets the default options.
         context = self._peer_context()
+        withheld = self.pipeline.admission.withheld  # peers with no endpoint: nothing to build yet
         adapters = {
             name: self._build_adapter(name, dest.adapter, dest.options, context, base)
             for name, dest in self.routing.destinations.items()
+            if name not in withheld
         }
         for name in sorted(peer_destinations(self.partners) - adapters.keys()):
             adapters[name] = build_peer_adapter(name, {}, context)
@@ -187,6 +195,8 @@ class Gateway:
         self.adapters = self.build_adapters()
         policies = {name: (dest.retry, dest.breaker) for name, dest in self.routing.destinations.items()}
         self.worker = Worker(self.broker, self.adapters, policies, self.ledger, prefetch=self.settings.prefetch)
+        if destinations is not None:  # a withheld peer gets its lane when the registry gives it an endpoint
+            destinations = [name for name in destinations if name not in self.pipeline.admission.withheld]
         await self.worker.start(destinations)
         return self.worker
 

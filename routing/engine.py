@@ -26,6 +26,7 @@ from routing.rules import Rule, Target
 _NO_FIELDS: Mapping[str, FieldDef] = {}
 _POLICY_KEYS = ("retry", "breaker")
 _SHOWN_VALUE = 64  # a rendered destination comes from the document: never echo more than this of it
+_NONE_WITHHELD: Mapping[str, str] = MappingProxyType({})
 
 
 def default_rules_path() -> Path:
@@ -43,18 +44,29 @@ def _no_route(header: Header, skipped: list[str]) -> Rejected:
     return Rejected(ErrorCode.NO_ROUTE, detail, "/Envelope/Header/Subject/documentType")
 
 
-def _unknown_destination(rule: Rule, target: Target, name: str, values: FieldValues) -> Rejected:
-    shown = name if len(name) <= _SHOWN_VALUE else name[:_SHOWN_VALUE] + "..."
-    location = None
+def _target_location(target: Target, values: FieldValues) -> str | None:
     if target.fields:
         field = target.fields[0]
-        location = f"field {field} = {values.expression(field)}"
-    elif target.header_fields:
-        location = f"header field {target.header_fields[0]}"
+        return f"field {field} = {values.expression(field)}"
+    if target.header_fields:
+        return f"header field {target.header_fields[0]}"
+    return None
+
+
+def _unknown_destination(rule: Rule, target: Target, name: str, values: FieldValues) -> Rejected:
+    shown = name if len(name) <= _SHOWN_VALUE else name[:_SHOWN_VALUE] + "..."
     return Rejected(
         ErrorCode.NO_ROUTE,
         f"rule {rule.name!r} routes to {shown!r} (from {target.text!r}), which is not a configured destination",
-        location,
+        _target_location(target, values),
+    )
+
+
+def _withheld_destination(rule: Rule, target: Target, name: str, why: str, values: FieldValues) -> Rejected:
+    return Rejected(
+        ErrorCode.NO_ROUTE,
+        f"rule {rule.name!r} routes to {name!r} (from {target.text!r}), an ASW peer not routed to now: {why}",
+        _target_location(target, values),
     )
 
 
@@ -95,9 +107,19 @@ class RoutingTable:
         return frozenset(self._by_type) | frozenset(self._fields)
 
     def route(
-        self, header: Header, document: etree._Element, *, extra_destinations: Collection[str] = ()
+        self,
+        header: Header,
+        document: etree._Element,
+        *,
+        extra_destinations: Collection[str] = (),
+        withheld: Mapping[str, str] = _NONE_WITHHELD,
     ) -> tuple[RouteDecision, ...]:
-        """The destinations for one message. Raises ``Rejected(NO_ROUTE)``."""
+        """The destinations for one message. Raises ``Rejected(NO_ROUTE)``.
+
+        ``extra_destinations``: names routable without being configured (the ASW peers the partner
+        registry gives an endpoint). ``withheld``: configured names not routable now, with why (ASW peers
+        the registry gives none: ``adapters.asw.withheld_peers``); a message routed to one is refused whole.
+        """
         document_type = header.document_type
         values = FieldValues(self._fields.get(document_type, _NO_FIELDS), document, document_type)
         chosen: dict[str, RouteDecision] = {}
@@ -107,16 +129,22 @@ class RoutingTable:
                 continue
             for target in rule.targets:
                 if target.decision is not None:
-                    if target.decision.destination not in chosen:
-                        chosen[target.decision.destination] = target.decision
+                    name = target.decision.destination
+                    if name not in chosen:
+                        if name in withheld:
+                            raise _withheld_destination(rule, target, name, withheld[name], values)
+                        chosen[name] = target.decision
                     continue
                 names, why = target.render(values, header)
                 if why:
                     skipped.append(f"rule {rule.name}: {why}")
                 for name in names:
                     if name not in chosen:
-                        if name not in self.destinations and name not in extra_destinations:
-                            raise _unknown_destination(rule, target, name, values)
+                        fault = self._unroutable(
+                            rule, target, name, values, extra=extra_destinations, withheld=withheld
+                        )
+                        if fault is not None:
+                            raise fault
                         chosen[name] = RouteDecision(name, rule.name)
             if rule.stop:
                 break
@@ -125,7 +153,12 @@ class RoutingTable:
         return tuple(chosen.values())
 
     def explain(
-        self, header: Header, document: etree._Element, *, extra_destinations: Collection[str] = ()
+        self,
+        header: Header,
+        document: etree._Element,
+        *,
+        extra_destinations: Collection[str] = (),
+        withheld: Mapping[str, str] = _NONE_WITHHELD,
     ) -> Explanation:
         """What ``route`` decides and why, rule by rule. Never raises NO_ROUTE: it is in ``error``."""
         document_type = header.document_type
@@ -154,8 +187,11 @@ class RoutingTable:
                         given.append(name)
                         if name in chosen:
                             continue
-                        if name not in self.destinations and name not in extra_destinations:
-                            error = error or _unknown_destination(rule, target, name, values)
+                        fault = self._unroutable(
+                            rule, target, name, values, extra=extra_destinations, withheld=withheld
+                        )
+                        if fault is not None:
+                            error = error or fault
                             continue
                         chosen[name] = RouteDecision(name, rule.name)
                 stopped = rule.stop
@@ -184,6 +220,23 @@ class RoutingTable:
             decisions=() if error is not None else tuple(chosen.values()),
             error=error,
         )
+
+    def _unroutable(
+        self,
+        rule: Rule,
+        target: Target,
+        name: str,
+        values: FieldValues,
+        *,
+        extra: Collection[str],
+        withheld: Mapping[str, str],
+    ) -> Rejected | None:
+        """Why a destination a target gave cannot be routed to, or None."""
+        if name in withheld:
+            return _withheld_destination(rule, target, name, withheld[name], values)
+        if name not in self.destinations and name not in extra:
+            return _unknown_destination(rule, target, name, values)
+        return None
 
     def with_destination_overrides(self, overrides: Mapping[str, Mapping[str, Any]]) -> RoutingTable:
         """A new table whose destinations have some keys replaced (``retry`` / ``breaker`` merged key by key).

@@ -288,6 +288,49 @@ def test_a_fixed_asw_destination_is_resolved_per_message() -> None:
     assert raised.value.code is ErrorCode.NO_ROUTE
 
 
+WITHHELD = {"asw:TH": "no peer NSW for TH has an endpoint in the partner registry"}
+
+
+def named_peer_table(*rules: dict[str, Any]) -> RoutingTable:
+    """``table`` with asw:TH named as a destination (adapter asw), as a rules file may name a peer."""
+    data = config(list(rules))
+    data["destinations"]["asw:TH"] = {"adapter": "asw", "timeout": 20}
+    return RoutingTable.from_mapping(data)
+
+
+@pytest.mark.parametrize(
+    ("to", "location"),
+    [
+        (["customs", "asw:TH"], None),  # a fixed, configured destination: its decision is prebuilt
+        (["customs", "asw:{importingCountry}"], "field importingCountry = string(eco:importingCountry)"),
+    ],
+)
+def test_a_withheld_peer_is_no_route_for_the_whole_message_saying_why(to: list[str], location: str | None) -> None:
+    routing = named_peer_table({"name": "to-thailand", "to": to})
+    assert destinations(routing.route(header(), eco("TH"))) == ["customs", "asw:TH"]
+    with pytest.raises(Rejected) as raised:
+        routing.route(header(), eco("TH"), withheld=WITHHELD)
+    assert raised.value.code is ErrorCode.NO_ROUTE
+    assert raised.value.detail == (
+        f"rule 'to-thailand' routes to 'asw:TH' (from {to[1]!r}), an ASW peer not routed to now: "
+        "no peer NSW for TH has an endpoint in the partner registry"
+    )
+    assert raised.value.location == location
+    explanation = routing.explain(header(), eco("TH"), withheld=WITHHELD)
+    assert explanation.error is not None
+    assert explanation.error.detail == raised.value.detail
+    assert explanation.decisions == ()
+    # withheld is checked before the registry's own peers: a rules file's asw:TH names one peer, not any
+    with pytest.raises(Rejected):
+        routing.route(header(), eco("TH"), extra_destinations={"asw:TH"}, withheld=WITHHELD)
+
+
+def test_a_withheld_peer_a_message_is_not_routed_to_does_not_matter() -> None:
+    routing = named_peer_table({"name": "abroad", "to": ["customs", "asw:{importingCountry}"]})
+    decisions = routing.route(header(), eco("MY"), extra_destinations={"asw:MY"}, withheld=WITHHELD)
+    assert destinations(decisions) == ["customs", "asw:MY"]
+
+
 # -- NO_ROUTE -------------------------------------------------------------------------------------------
 
 

@@ -4,19 +4,28 @@ VN-NSW starts with TH-NSW in its registry but without an endpoint (TH not live y
 does not name asw:TH: the registry alone makes a peer a destination. Giving TH its endpoint must make
 VN route, queue and deliver e-Form Ds to TH at the next reload; taking it away must stop VN accepting
 them (NO_ROUTE), and giving it back must use the lane that kept draining.
+
+The registry decides for a peer the rules file names (``asw:TH: {adapter: asw, ...}``) as well: without
+an endpoint it is withheld (NO_ROUTE naming why, no lane, the gateway still starts and serves every
+other flow), and it is routed to, with the rules file's options, once the registry gives it one.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from lxml import etree
 
+from adapters.asw import HttpsPeerTransport
+from gateway.cli import build_parser
 from gateway.crossborder_demo import client_tls, home_rules, issue_form_d, post, wait_for_destination
 from gateway.model import State
+from gateway.receipts import RECEIPT_NS
 from gateway.reload import ReloadOutcome, RoutingReloader
 from gateway.security.pki import set_peer_endpoint
 from gateway.trust_reload import TrustReloader
@@ -24,7 +33,7 @@ from routing.config import read_yaml
 from routing.engine import default_rules_path
 from tests.crossborder.conftest import CrossBorder, PairDirs
 from tests.e2e.conftest import Rabbit
-from tests.operator.helpers import write_rules
+from tests.operator.helpers import parse_metrics, value, write_rules
 
 TH = "TH-NSW"
 
@@ -47,6 +56,40 @@ async def reload(trust: TrustReloader, routing: RoutingReloader) -> ReloadOutcom
     assert outcome is not None
     assert outcome.ok, outcome.error
     return outcome
+
+
+async def refused_for_th(pair: CrossBorder) -> None:
+    """An e-Form D for TH is refused NO_ROUTE, the signed rejection saying TH is withheld and why."""
+    form_d = issue_form_d(pair.dirs.signer("VN-MOIT"))
+    status, answer, headers = await post(pair.vn.url, form_d, client_tls(pair.dirs.vn, pair.dirs.party("VN-MOIT")))
+    assert (status, headers.get("X-NSW-Code")) == (422, "NO_ROUTE")
+    detail = etree.fromstring(answer).findtext(f".//{{{RECEIPT_NS}}}detail")
+    assert detail == (
+        "rule 'eco-issued-to-importing-country' routes to 'asw:TH' (from 'asw:{importingCountry}'), an ASW peer "
+        "not routed to now: no peer NSW for TH has an endpoint in the partner registry"
+    )
+    assert etree.fromstring(answer).findtext(f".//{{{RECEIPT_NS}}}location") == (
+        "field importingCountry = string(eco:importingCountry)"
+    )
+
+
+def th_options(pair: CrossBorder) -> float:
+    """The timeout of the adapter VN delivers to TH with (the rules file's ``timeout`` option)."""
+    transport = pair.vn.gateway.adapters["asw:TH"].transport  # type: ignore[attr-defined]
+    assert isinstance(transport, HttpsPeerTransport)
+    return transport.settings.timeout
+
+
+async def accepted_and_delivered_to_th(pair: CrossBorder, count: int) -> None:
+    """An e-Form D for TH accepted by VN and delivered to TH's customs, the ``count``-th to arrive there."""
+    status, code, eco_id = await send_form_d(pair)
+    assert (status, code) == (202, None), eco_id
+    await delivered_to_th(pair, eco_id, count)
+
+
+def withheld_metric(pair: CrossBorder) -> float | None:
+    samples = parse_metrics(pair.vn.gateway.metrics.exposition().decode())
+    return value(samples, "nsw_peer_withheld", destination="asw:TH")
 
 
 async def delivered_to_th(pair: CrossBorder, message_id: str, count: int) -> None:
@@ -93,9 +136,7 @@ async def test_a_peer_given_an_endpoint_is_delivered_to_without_a_restart(
     assert outcome.peers_joined == ("asw:TH",)
     assert outcome.added == ()
     assert [set(w.destinations) for w in routing.workers] == [{"asw:TH"}]
-    status, code, eco_id = await send_form_d(pair)
-    assert (status, code) == (202, None), eco_id
-    await delivered_to_th(pair, eco_id, 1)
+    await accepted_and_delivered_to_th(pair, 1)
     assert await routing.check() is None
 
     # TH taken away: refused at the ingress, not accepted for a peer whose receipts no longer verify
@@ -110,9 +151,7 @@ async def test_a_peer_given_an_endpoint_is_delivered_to_without_a_restart(
     outcome = await reload(trust, routing)
     assert outcome.peers_joined == ("asw:TH",)
     assert len(routing.workers) == 1
-    status, code, again = await send_form_d(pair)
-    assert (status, code) == (202, None), again
-    await delivered_to_th(pair, again, 2)
+    await accepted_and_delivered_to_th(pair, 2)
 
 
 async def test_a_peer_that_cannot_join_is_tried_again_when_what_it_lacked_appears(
@@ -150,6 +189,104 @@ async def test_a_peer_that_cannot_join_is_tried_again_when_what_it_lacked_appear
     assert joined is not None
     assert joined.ok, joined.error
     assert joined.peers_joined == ("asw:TH",)
-    status, code, eco_id = await send_form_d(pair)
-    assert (status, code) == (202, None), eco_id
-    await delivered_to_th(pair, eco_id, 1)
+    await accepted_and_delivered_to_th(pair, 1)
+
+
+def named_th_rules(pair: CrossBorder, tmp_path: Path, *, timeout: float) -> Path:
+    """VN's rules file, naming asw:TH with a ``timeout`` option."""
+    data = home_rules(pair.vn_agencies.url, tmp_path / "vn-archive", peers=("asw:TH",))
+    data["destinations"]["asw:TH"]["timeout"] = timeout
+    return write_rules(tmp_path / "vn-rules.yaml", data)
+
+
+async def test_a_named_peer_without_an_endpoint_is_withheld_at_start_and_routed_to_once_it_has_one(
+    cross_border: Callable[..., Awaitable[CrossBorder]], tmp_path: Path, vn_settings: dict[str, Any]
+) -> None:
+    """Before, VN refused to start at all (the asw adapter could not be built): one peer not live yet
+    stopped every flow of the national gateway."""
+    withheld: dict[str, Any] = {}
+
+    def th_not_live_yet(dirs: PairDirs) -> None:
+        withheld.update(set_th_endpoint(dirs, None))
+
+    pair = await cross_border(before_open=th_not_live_yet, vn_settings=vn_settings)  # the rules name asw:TH
+    vn = pair.vn.gateway
+    assert dict(vn.pipeline.admission.withheld) == {
+        "asw:TH": "no peer NSW for TH has an endpoint in the partner registry"
+    }
+    assert "asw:TH" not in vn.adapters
+    await refused_for_th(pair)
+
+    rules = named_th_rules(pair, tmp_path, timeout=12.5)
+    trust = TrustReloader(vn.trust, vn.partners, vn.settings.partners_path)
+    routing = RoutingReloader(vn, rules)
+    vn.reloader = routing  # closed with the gateway
+    set_th_endpoint(pair.dirs, withheld)
+    outcome = await reload(trust, routing)
+    assert (outcome.peers_joined, outcome.withheld, outcome.added) == (("asw:TH",), (), ())
+    assert [set(w.destinations) for w in routing.workers] == [{"asw:TH"}]
+    assert th_options(pair) == 12.5  # built from the rules file's entry, not the defaults of an unnamed peer
+    await accepted_and_delivered_to_th(pair, 1)
+
+
+async def test_a_named_peer_whose_endpoint_is_taken_away_is_withheld_then_served_by_its_lane_again(
+    cross_border: Callable[..., Awaitable[CrossBorder]], tmp_path: Path
+) -> None:
+    pair = await cross_border()  # the rules name asw:TH; TH is live
+    vn = pair.vn.gateway
+    rules = named_th_rules(pair, tmp_path, timeout=30)
+    trust = TrustReloader(vn.trust, vn.partners, vn.settings.partners_path)
+    routing = RoutingReloader(vn, rules)
+    vn.reloader = routing
+    assert (await routing.check(force=True)) is not None  # the rules file (timeout 30) in force
+    await accepted_and_delivered_to_th(pair, 1)
+
+    # Before, VN went on routing e-Form Ds to TH through the adapter built for the endpoint it had.
+    taken = set_th_endpoint(pair.dirs, None)
+    outcome = await reload(trust, routing)
+    assert (outcome.peers_left, outcome.withheld) == (("asw:TH",), ("asw:TH",))
+    assert withheld_metric(pair) == 1.0
+    await refused_for_th(pair)
+
+    # The rules file edited meanwhile: before, the reload was refused (the adapter could not be built).
+    write_rules(rules, read_yaml(named_th_rules(pair, tmp_path, timeout=7.5)))
+    outcome = await routing.check()
+    assert outcome is not None
+    assert outcome.ok, outcome.error
+    assert (outcome.changed, outcome.withheld) == (("asw:TH",), ("asw:TH",))
+    await refused_for_th(pair)
+
+    lane_adapter = vn.adapters["asw:TH"]
+    set_th_endpoint(pair.dirs, taken)
+    outcome = await reload(trust, routing)
+    assert (outcome.peers_joined, outcome.withheld) == (("asw:TH",), ())
+    assert routing.workers == []  # the lane VN started with serves it: no second consumer
+    assert vn.adapters["asw:TH"] is not lane_adapter
+    assert th_options(pair) == 7.5  # the options edited while TH was withheld
+    assert withheld_metric(pair) is None
+    await accepted_and_delivered_to_th(pair, 2)
+
+
+def test_the_command_line_says_a_named_peer_is_withheld_and_why(
+    dirs: PairDirs, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``nswgw routes explain`` and ``nswgw verify`` answer as the ingress would: NO_ROUTE, naming why."""
+    rules = write_rules(tmp_path / "rules.yaml", home_rules("http://127.0.0.1:9", tmp_path / "archive"))
+    form_d = tmp_path / "form-d.xml"
+    form_d.write_bytes(issue_form_d(dirs.signer("VN-MOIT")))
+    common = ["--certs", str(dirs.vn), "--data", str(tmp_path / "var"), "--routing", str(rules)]
+    why = "an ASW peer not routed to now: no peer NSW for TH has an endpoint in the partner registry"
+
+    def main(argv: list[str]) -> int:  # the command, without the logging set-up of gateway.cli.main
+        args = build_parser().parse_args(argv)
+        return int(args.func(args))
+
+    assert main(["routes", "explain", *common, str(form_d)]) == 0
+    assert "  asw:TH   <- rule eco-issued-to-importing-country" in capsys.readouterr().out
+    set_th_endpoint(dirs, None)
+    assert main(["routes", "explain", *common, str(form_d)]) == 0
+    assert why in capsys.readouterr().out
+    assert main(["verify", *common, str(form_d)]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert (report["code"], report["location"]) == ("NO_ROUTE", "field importingCountry = string(eco:importingCountry)")
+    assert why in report["detail"]

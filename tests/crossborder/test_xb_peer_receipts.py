@@ -15,7 +15,7 @@ import pytest
 import yaml
 from lxml import etree
 
-from adapters.asw import AswAdapter, PeerAnswer, PeerContext, build_peer_adapter
+from adapters.asw import AswAdapter, PeerAnswer, PeerContext, build_peer_adapter, withheld_peers
 from adapters.base import changed_files
 from gateway.config import Settings
 from gateway.crossborder_demo import (
@@ -29,6 +29,7 @@ from gateway.envelope import NSMAP, format_datetime, parse_header
 from gateway.errors import ConfigError, ErrorCode, PermanentFailure, Rejected, TransientFailure
 from gateway.model import Delivery, PartyRef, State
 from gateway.partners import PartnerRegistry
+from gateway.policy import BreakerPolicy, RetryPolicy
 from gateway.proofs import ProofStore
 from gateway.receipts import ReceiptFactory
 from gateway.retry import RetryAfterFailure
@@ -38,6 +39,7 @@ from gateway.security.pki import KeyPair, issue_leaf, load_issued
 from gateway.security.sign import Signer, to_bytes
 from gateway.security.trust import TrustStore, fingerprint
 from gateway.security.verify import Verifier
+from routing.config import DestinationConfig
 from tests.crossborder.conftest import CrossBorder, PairDirs
 from tests.crossborder.peers import FakePeer
 
@@ -326,6 +328,34 @@ def test_a_peer_adapter_notices_its_tls_files_changing(dirs: PairDirs, tmp_path:
     st = endpoint.client_cert.stat()
     os.utime(endpoint.client_cert, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # as if rewritten
     assert changed_files(built) == [str(endpoint.client_cert)]
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "why"),
+    [
+        ("asw:TH", {}, None),  # TH-NSW has an endpoint
+        ("asw:TH", {"peer": "TH-NSW"}, None),
+        ("asw:KH", {}, "no peer NSW for KH has an endpoint in the partner registry"),
+        ("asw:TH", {"peer": "TH-NSW2"}, "peer TH-NSW2 is not in the partner registry"),
+        ("asw:MY", {"peer": "VN-NSW"}, "peer VN-NSW has no endpoint in the partner registry"),  # made a peer below
+        ("asw:TH", {"peer": "VN-MOIT"}, None),  # not a peer at all: a fault of the rules file, not withholding
+        ("thailand", {}, None),  # no country in the name and no peer option: the same
+    ],
+)
+def test_withheld_peers_are_the_named_asw_destinations_whose_peer_has_no_endpoint(
+    dirs: PairDirs, name: str, options: dict[str, Any], why: str | None
+) -> None:
+    path = dirs.vn / "partners.yaml"
+    data = yaml.safe_load(path.read_text())
+    data["parties"]["VN-NSW"]["role"] = "peer"  # a registered peer without an endpoint
+    path.write_text(yaml.safe_dump(data))
+    policies = (RetryPolicy(), BreakerPolicy())
+    destinations = {
+        name: DestinationConfig(name, "asw", options, *policies),
+        "customs": DestinationConfig("customs", "http", {"url": "http://127.0.0.1:9/in"}, *policies),
+    }
+    expected = {} if why is None else {name: why}
+    assert withheld_peers(destinations, dirs.registry("vn")) == expected
 
 
 @pytest.mark.parametrize(
