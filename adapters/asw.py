@@ -206,6 +206,17 @@ class PeerReceipt:
     body: bytes  # the signed receipt exactly as received
 
 
+class PeerWithheld(RetryAfterFailure):
+    """The registry took the peer's endpoint away after this adapter was built: nothing is sent to the
+    endpoint it had. Retried on the destination's schedule (RETRY_WAIT, code ``PEER_WITHHELD``, in the
+    status and the audit trail), dead-lettered at ``max_age`` like any delivery that cannot be made, and
+    delivered once the registry gives the peer an endpoint again. ``retry_after`` 0: never retried in
+    process, where waiting a moment cannot change the registry."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("PEER_WITHHELD", detail, retry_after=0.0)
+
+
 class AswAdapter:
     def __init__(self, name: str, peer: Party, context: PeerContext, transport: PeerTransport) -> None:
         self.name = name
@@ -242,7 +253,20 @@ class AswAdapter:
             "X-NSW-Digest": f"sha-256={forward.digest}",
         }
 
+    def withheld(self) -> str | None:
+        """Why this peer may not be sent to now, or None: the (reloaded) partner registry no longer gives
+        it an endpoint, or no longer lists it."""
+        current = self.context.verifier.partners.get(self.peer.identity)
+        if current is None:
+            return f"peer {self.peer.identity} is not in the partner registry"
+        if current.endpoint is None:
+            return f"peer {self.peer.identity} has no endpoint in the partner registry"
+        return None
+
     async def deliver(self, delivery: Delivery) -> DeliveryReceipt:
+        why = self.withheld()
+        if why is not None:
+            raise PeerWithheld(f"{why}: not sent; retried on the destination's schedule until it has one")
         try:
             forward = self.forward(delivery)
         except Rejected as exc:

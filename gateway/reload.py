@@ -25,8 +25,11 @@ state going live) becomes the destination ``asw:<country>`` at the next reload: 
 its adapter built and consumed with the default options (``_unnamed_peer``) before routing may name it,
 all in the swap above. A peer whose endpoint was taken away is no longer routed to: messages for it are
 refused ``NO_ROUTE`` at the ingress instead of being accepted for a peer whose receipts can no longer
-verify; its queue keeps draining like a removed destination's. A registry change of peers alone triggers
-the reload, like a changed rules file. A peer the rules file names is live on the same terms
+verify. Nothing is sent to the endpoint it had either: its lane's adapter checks the registry at every
+attempt (``adapters.asw.PeerWithheld``), so what was already queued waits in RETRY_WAIT with code
+PEER_WITHHELD and goes out when the peer is given an endpoint again (or is dead-lettered at
+``max_age``). A registry change of peers alone triggers the reload, like a changed rules file. A peer
+the rules file names is live on the same terms
 (``adapters.asw.withheld_peers``): while the registry gives it no endpoint it is withheld (NO_ROUTE, no
 new lane, no adapter rebuilt: none could be), and when it gets one it joins with the file's options, on
 the lane it had if it had one (whose adapter is rebuilt for the rules and endpoint in force).
@@ -44,7 +47,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -207,8 +210,8 @@ class RoutingReloader:
         rotated = {n: f for n, f in self._rotated().items() if n not in withheld} if workers else {}
         lanes = {name for w in workers for name in w.destinations}
         # A destination some worker here already has a lane for (changed, rotated, a peer delivered to
-        # with default options until the file named it, or a peer that left and came back: its lane kept
-        # draining) is reconfigured there; the others get new lanes. A withheld peer gets no adapter: none
+        # with default options until the file named it, or a peer that left and came back: its lane stayed,
+        # holding what it had) is reconfigured there; the others get new lanes. A withheld peer gets no adapter: none
         # can be built without an endpoint, and its lane, if it has one, keeps the one it has.
         retuned = {name: w for name in (*changed, *added, *rotated, *joined) for w in workers if name in w.destinations}
         rebuild = {*rotated, *joined}  # a peer back with its lane gets an adapter for the rules and endpoint in force
@@ -257,8 +260,7 @@ class RoutingReloader:
             peers_left=list(left),
             peers_withheld=sorted(withheld),
         )
-        for name in sorted(set(withheld) - set(was_withheld)):
-            log.warning("routing.peer_withheld", destination=name, detail=f"not routed to: {withheld[name]}")
+        _log_peers_gone(left, withheld, was_withheld)
         for name in sorted(retuned):
             dest = new.destinations.get(name)
             log.info(
@@ -268,10 +270,10 @@ class RoutingReloader:
                 files=rotated.get(name, []),
                 new_adapter=name in replacing,
             )
-        if (removed or left) and workers:
+        if removed and workers:
             log.warning(
                 "routing.reload_needs_restart",
-                removed=[*removed, *left],
+                removed=list(removed),
                 detail="running workers keep draining the queues of removed destinations, with their last "
                 "settings, until they restart",
             )
@@ -365,6 +367,14 @@ async def _close_all(adapters: list[Adapter]) -> None:
             await adapter.close()
         except Exception:  # a reload that is already being refused must still report why
             log.exception("routing.adapter_close_failed", adapter=repr(adapter))
+
+
+def _log_peers_gone(left: Iterable[str], withheld: Mapping[str, str], was_withheld: Mapping[str, str]) -> None:
+    held = "what is queued for it is not sent (PEER_WITHHELD) until the registry gives it an endpoint again"
+    for name in sorted(set(withheld) - set(was_withheld)):
+        log.warning("routing.peer_withheld", destination=name, detail=f"not routed to: {withheld[name]}; {held}")
+    for name in sorted(set(left) - set(withheld)):
+        log.warning("routing.peer_left", destination=name, detail=f"not routed to: no endpoint; {held}")
 
 
 def _live_peers(table: RoutingTable, peers: Collection[str], withheld: Collection[str]) -> set[str]:

@@ -3,7 +3,8 @@
 VN-NSW starts with TH-NSW in its registry but without an endpoint (TH not live yet), and its rules file
 does not name asw:TH: the registry alone makes a peer a destination. Giving TH its endpoint must make
 VN route, queue and deliver e-Form Ds to TH at the next reload; taking it away must stop VN accepting
-them (NO_ROUTE), and giving it back must use the lane that kept draining.
+them (NO_ROUTE) and stop VN sending what it had queued to the endpoint TH had (PEER_WITHHELD), and giving
+it back must use the lane it had.
 
 The registry decides for a peer the rules file names (``asw:TH: {adapter: asw, ...}``) as well: without
 an endpoint it is withheld (NO_ROUTE naming why, no lane, the gateway still starts and serves every
@@ -12,6 +13,7 @@ other flow), and it is routed to, with the rules file's options, once the regist
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 from collections.abc import Awaitable, Callable
@@ -27,7 +29,9 @@ from gateway.crossborder_demo import client_tls, home_rules, issue_form_d, post,
 from gateway.model import State
 from gateway.receipts import RECEIPT_NS
 from gateway.reload import ReloadOutcome, RoutingReloader
+from gateway.runtime import Gateway
 from gateway.security.pki import set_peer_endpoint
+from gateway.status import DestinationStatus
 from gateway.trust_reload import TrustReloader
 from routing.config import read_yaml
 from routing.engine import default_rules_path
@@ -146,7 +150,7 @@ async def test_a_peer_given_an_endpoint_is_delivered_to_without_a_restart(
     status, code, _ = await send_form_d(pair)
     assert (status, code) == (422, "NO_ROUTE")
 
-    # and back: the lane that kept draining serves it again, no second consumer
+    # and back: the lane it had serves it again, no second consumer
     set_th_endpoint(pair.dirs, withheld)
     outcome = await reload(trust, routing)
     assert outcome.peers_joined == ("asw:TH",)
@@ -290,3 +294,42 @@ def test_the_command_line_says_a_named_peer_is_withheld_and_why(
     report = json.loads(capsys.readouterr().out)
     assert (report["code"], report["location"]) == ("NO_ROUTE", "field importingCountry = string(eco:importingCountry)")
     assert why in report["detail"]
+
+
+async def test_nothing_queued_is_sent_to_the_endpoint_a_peer_had_once_the_registry_takes_it_away(
+    cross_border: Callable[..., Awaitable[CrossBorder]], tmp_path: Path
+) -> None:
+    """Before, VN's lane went on forwarding what it had queued for TH to the endpoint TH had, after the
+    registry took it away. Now each attempt is held (PEER_WITHHELD) until TH has an endpoint again."""
+    pair = await cross_border(th_serving=False)  # TH registered, named and routed to; its port not answering
+    vn = pair.vn.gateway
+    rules = write_rules(tmp_path / "vn-rules.yaml", home_rules(pair.vn_agencies.url, tmp_path / "vn-archive"))
+    trust = TrustReloader(vn.trust, vn.partners, vn.settings.partners_path)
+    routing = RoutingReloader(vn, rules)
+    vn.reloader = routing
+    status, code, eco_id = await send_form_d(pair)
+    assert (status, code) == (202, None), eco_id
+    await wait_for_destination(vn.ledger, eco_id, "asw:TH", states=frozenset({State.RETRY_WAIT}))
+
+    taken = set_th_endpoint(pair.dirs, None)
+    assert (await reload(trust, routing)).withheld == ("asw:TH",)
+    await pair.th.serve()  # TH answers again, at the endpoint VN's lane was built for
+    held = await destination_code(vn, eco_id, "PEER_WITHHELD")
+    assert held.state is State.RETRY_WAIT
+    assert held.detail.startswith("peer TH-NSW has no endpoint in the partner registry: not sent;")
+    assert await pair.th.gateway.ledger.status(eco_id) is None  # TH never got it
+
+    set_th_endpoint(pair.dirs, taken)
+    assert (await reload(trust, routing)).peers_joined == ("asw:TH",)
+    await delivered_to_th(pair, eco_id, 1)
+
+
+async def destination_code(gateway: Gateway, message_id: str, code: str, within: float = 15.0) -> DestinationStatus:
+    """The message's status at ``gateway`` for asw:TH once its last recorded code is ``code``."""
+    async with asyncio.timeout(within):
+        while True:
+            status = await gateway.ledger.status(message_id)
+            current = status.destinations.get("asw:TH") if status else None
+            if current is not None and current.code == code:
+                return current
+            await asyncio.sleep(0.05)

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from lxml import etree
 
-from adapters.asw import AswAdapter, PeerAnswer, PeerContext, build_peer_adapter, withheld_peers
+from adapters.asw import AswAdapter, PeerAnswer, PeerContext, PeerWithheld, build_peer_adapter, withheld_peers
 from adapters.base import changed_files
 from gateway.config import Settings
 from gateway.crossborder_demo import (
@@ -374,6 +374,33 @@ def test_a_misconfigured_peer_destination_is_a_config_error_naming_it(
         build_peer_adapter(name, options, _context(dirs, tmp_path))
     assert name in str(raised.value)
     assert fault in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ("endpoint", "peer TH-NSW has no endpoint in the partner registry"),
+        ("party", "peer TH-NSW is not in the partner registry"),
+    ],
+)
+async def test_a_peer_the_reloaded_registry_withholds_is_sent_nothing(
+    dirs: PairDirs, tmp_path: Path, change: str, why: str
+) -> None:
+    registry = dirs.registry("vn")
+    transport = ScriptedTransport(lambda _: PeerAnswer(500, b""))
+    built = adapter(dirs, tmp_path, transport, registry)
+    data = yaml.safe_load((dirs.vn / "partners.yaml").read_text())
+    if change == "endpoint":
+        data["parties"]["TH-NSW"]["endpoint"] = None
+    else:
+        del data["parties"]["TH-NSW"]
+    registry.adopt(PartnerRegistry.from_dict(data, base_dir=dirs.vn))  # as gateway.trust_reload does
+    assert built.withheld() == why
+    with pytest.raises(PeerWithheld) as raised:
+        await built.deliver(delivery(dirs))
+    assert (raised.value.code, raised.value.retry_after) == ("PEER_WITHHELD", 0.0)  # 0.0: not retried in process
+    assert raised.value.detail.startswith(f"{why}: not sent;")
+    assert transport.sent == []
 
 
 async def test_the_gateway_builds_an_adapter_for_every_registered_peer(dirs: PairDirs, tmp_path: Path) -> None:
