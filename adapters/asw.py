@@ -52,6 +52,7 @@ from routing.config import DestinationConfig
 ASW_KIND: Final = "asw"
 PEER_PREFIX: Final = "asw:"
 MAX_ANSWER_BYTES: Final = 1024 * 1024  # a receipt is a few kB; anything far larger is not one
+HELD_NOTE: Final = "what is queued for it is not sent (PEER_WITHHELD) until the registry gives it an endpoint again"
 PEER_TRANSIENT_CODES: Final = frozenset({"UNAVAILABLE", "RATE_LIMITED"})  # the peer's outage, not a verdict
 RECEIPT: Final = f"{{{RECEIPT_NS}}}Receipt"
 REJECTION: Final = f"{{{RECEIPT_NS}}}Rejection"
@@ -207,14 +208,16 @@ class PeerReceipt:
 
 
 class PeerWithheld(RetryAfterFailure):
-    """The registry took the peer's endpoint away after this adapter was built: nothing is sent to the
-    endpoint it had. Retried on the destination's schedule (RETRY_WAIT, code ``PEER_WITHHELD``, in the
+    """The registry gives the peer no endpoint (any more): nothing is sent, not to the endpoint it had
+    either. Retried on the destination's schedule (RETRY_WAIT, code ``PEER_WITHHELD``, in the
     status and the audit trail), dead-lettered at ``max_age`` like any delivery that cannot be made, and
     delivered once the registry gives the peer an endpoint again. ``retry_after`` 0: never retried in
     process, where waiting a moment cannot change the registry."""
 
-    def __init__(self, detail: str) -> None:
-        super().__init__("PEER_WITHHELD", detail, retry_after=0.0)
+    def __init__(self, why: str) -> None:
+        super().__init__(
+            "PEER_WITHHELD", f"{why}: not sent; retried on the destination's schedule until it has one", 0.0
+        )
 
 
 class AswAdapter:
@@ -266,7 +269,7 @@ class AswAdapter:
     async def deliver(self, delivery: Delivery) -> DeliveryReceipt:
         why = self.withheld()
         if why is not None:
-            raise PeerWithheld(f"{why}: not sent; retried on the destination's schedule until it has one")
+            raise PeerWithheld(why)
         try:
             forward = self.forward(delivery)
         except Rejected as exc:
@@ -380,6 +383,23 @@ def build_peer_adapter(
     except (ValueError, OSError, ssl.SSLError) as exc:
         raise ConfigError(f"destination {name!r} ({ASW_KIND} adapter): peer {identity}: {exc}") from exc
     return AswAdapter(name, peer, context, transport)
+
+
+class WithheldPeerAdapter:
+    """The lane of a peer the rules file names while the registry gives it no endpoint (at start-up): it
+    holds what is queued for it (``PeerWithheld`` at every attempt, as a built peer adapter does once the
+    registry takes its endpoint away) until the routing reload that follows the registry giving the peer
+    an endpoint replaces it with the real adapter."""
+
+    def __init__(self, name: str, why: str) -> None:
+        self.name = name
+        self.why = why
+
+    async def deliver(self, delivery: Delivery) -> DeliveryReceipt:
+        raise PeerWithheld(self.why)
+
+    async def close(self) -> None:
+        return None
 
 
 def withheld_peers(destinations: Mapping[str, DestinationConfig], partners: PartnerRegistry) -> dict[str, str]:

@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from adapters.asw import ASW_KIND, AswAdapter, withheld_peers
+from adapters.asw import ASW_KIND, HELD_NOTE, AswAdapter, withheld_peers
 from adapters.base import Adapter, FileStamp, changed_files, stamp_files
 from gateway.errors import BrokerUnavailable, ConfigError
 from gateway.partners import peer_destinations
@@ -370,11 +370,10 @@ async def _close_all(adapters: list[Adapter]) -> None:
 
 
 def _log_peers_gone(left: Iterable[str], withheld: Mapping[str, str], was_withheld: Mapping[str, str]) -> None:
-    held = "what is queued for it is not sent (PEER_WITHHELD) until the registry gives it an endpoint again"
     for name in sorted(set(withheld) - set(was_withheld)):
-        log.warning("routing.peer_withheld", destination=name, detail=f"not routed to: {withheld[name]}; {held}")
+        log.warning("routing.peer_withheld", destination=name, detail=f"not routed to: {withheld[name]}; {HELD_NOTE}")
     for name in sorted(set(left) - set(withheld)):
-        log.warning("routing.peer_left", destination=name, detail=f"not routed to: no endpoint; {held}")
+        log.warning("routing.peer_left", destination=name, detail=f"not routed to: no endpoint; {HELD_NOTE}")
 
 
 def _live_peers(table: RoutingTable, peers: Collection[str], withheld: Collection[str]) -> set[str]:

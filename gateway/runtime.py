@@ -14,7 +14,7 @@ from typing import Any
 
 import structlog
 
-from adapters.asw import ASW_KIND, PeerContext, build_peer_adapter, withheld_peers
+from adapters.asw import ASW_KIND, HELD_NOTE, PeerContext, WithheldPeerAdapter, build_peer_adapter, withheld_peers
 from adapters.base import Adapter
 from adapters.registry import build_adapter
 from gateway.brokers.base import Broker
@@ -144,7 +144,7 @@ class Gateway:
             document_types=len(list(validator.registry)),
         )
         for name, why in sorted(withheld.items()):
-            log.warning("routing.peer_withheld", destination=name, detail=f"not routed to, no lane: {why}")
+            log.warning("routing.peer_withheld", destination=name, detail=f"not routed to: {why}; {HELD_NOTE}")
         gateway = cls(
             settings, trust, partners, validator, routing, broker, ledger, signer, receipts, pipeline, metrics=metrics
         )
@@ -159,11 +159,12 @@ class Gateway:
         # ASW peers need the gateway itself (its key, trust store, registry), not just options. A peer
         # the routing file does not list as a destination (adapter: asw) gets the default options.
         context = self._peer_context()
-        withheld = self.pipeline.admission.withheld  # peers with no endpoint: nothing to build yet
-        adapters = {
-            name: self._build_adapter(name, dest.adapter, dest.options, context, base)
+        withheld = self.pipeline.admission.withheld  # peers with no endpoint: their lanes hold what is queued
+        adapters: dict[str, Adapter] = {
+            name: WithheldPeerAdapter(name, withheld[name])
+            if name in withheld
+            else self._build_adapter(name, dest.adapter, dest.options, context, base)
             for name, dest in self.routing.destinations.items()
-            if name not in withheld
         }
         for name in sorted(peer_destinations(self.partners) - adapters.keys()):
             adapters[name] = build_peer_adapter(name, {}, context)
@@ -195,8 +196,6 @@ class Gateway:
         self.adapters = self.build_adapters()
         policies = {name: (dest.retry, dest.breaker) for name, dest in self.routing.destinations.items()}
         self.worker = Worker(self.broker, self.adapters, policies, self.ledger, prefetch=self.settings.prefetch)
-        if destinations is not None:  # a withheld peer gets its lane when the registry gives it an endpoint
-            destinations = [name for name in destinations if name not in self.pipeline.admission.withheld]
         await self.worker.start(destinations)
         return self.worker
 

@@ -23,9 +23,18 @@ from typing import Any
 import pytest
 from lxml import etree
 
-from adapters.asw import HttpsPeerTransport
+from adapters.asw import AswAdapter, HttpsPeerTransport, WithheldPeerAdapter
 from gateway.cli import build_parser
-from gateway.crossborder_demo import client_tls, home_rules, issue_form_d, post, wait_for_destination
+from gateway.crossborder_demo import (
+    client_tls,
+    home_routing,
+    home_rules,
+    issue_form_d,
+    loopback_socket,
+    open_node,
+    post,
+    wait_for_destination,
+)
 from gateway.model import State
 from gateway.receipts import RECEIPT_NS
 from gateway.reload import ReloadOutcome, RoutingReloader
@@ -218,7 +227,7 @@ async def test_a_named_peer_without_an_endpoint_is_withheld_at_start_and_routed_
     assert dict(vn.pipeline.admission.withheld) == {
         "asw:TH": "no peer NSW for TH has an endpoint in the partner registry"
     }
-    assert "asw:TH" not in vn.adapters
+    assert isinstance(vn.adapters["asw:TH"], WithheldPeerAdapter)  # a lane that holds what is queued
     await refused_for_th(pair)
 
     rules = named_th_rules(pair, tmp_path, timeout=12.5)
@@ -228,7 +237,8 @@ async def test_a_named_peer_without_an_endpoint_is_withheld_at_start_and_routed_
     set_th_endpoint(pair.dirs, withheld)
     outcome = await reload(trust, routing)
     assert (outcome.peers_joined, outcome.withheld, outcome.added) == (("asw:TH",), (), ())
-    assert [set(w.destinations) for w in routing.workers] == [{"asw:TH"}]
+    assert routing.workers == []  # the lane VN started with: its adapter is now the real one
+    assert isinstance(vn.adapters["asw:TH"], AswAdapter)
     assert th_options(pair) == 12.5  # built from the rules file's entry, not the defaults of an unnamed peer
     await accepted_and_delivered_to_th(pair, 1)
 
@@ -333,3 +343,40 @@ async def destination_code(gateway: Gateway, message_id: str, code: str, within:
             if current is not None and current.code == code:
                 return current
             await asyncio.sleep(0.05)
+
+
+async def test_what_was_queued_for_a_peer_withheld_across_a_restart_is_held_then_delivered(
+    cross_border: Callable[..., Awaitable[CrossBorder]], tmp_path: Path
+) -> None:
+    """VN restarted while the registry gives TH no endpoint: the lane it starts with for asw:TH holds what
+    was queued (PEER_WITHHELD, in the status) instead of leaving it unconsumed and unexplained, and the
+    registry giving TH its endpoint back gets it delivered, with no second restart."""
+    pair = await cross_border(th_serving=False)
+    status, code, eco_id = await send_form_d(pair)
+    assert (status, code) == (202, None), eco_id
+    await wait_for_destination(pair.vn.gateway.ledger, eco_id, "asw:TH", states=frozenset({State.RETRY_WAIT}))
+    await pair.vn.close()
+
+    taken = set_th_endpoint(pair.dirs, None)
+    routing_table = home_routing(pair.vn_agencies.url, tmp_path / "vn-archive", peers=["asw:TH"])
+    vn = await open_node(
+        pair.dirs.vn, tmp_path / "vn-var", identity="VN-NSW", routing=routing_table, sock=loopback_socket()
+    )
+    try:
+        await pair.th.serve()
+        held = await destination_code(vn.gateway, eco_id, "PEER_WITHHELD")
+        assert held.detail.startswith("no peer NSW for TH has an endpoint in the partner registry: not sent;")
+        assert await pair.th.gateway.ledger.status(eco_id) is None
+
+        rules = write_rules(tmp_path / "vn-rules.yaml", home_rules(pair.vn_agencies.url, tmp_path / "vn-archive"))
+        trust = TrustReloader(vn.gateway.trust, vn.gateway.partners, vn.gateway.settings.partners_path)
+        routing = RoutingReloader(vn.gateway, rules)
+        vn.gateway.reloader = routing
+        set_th_endpoint(pair.dirs, taken)
+        assert (await reload(trust, routing)).peers_joined == ("asw:TH",)
+        delivered = await wait_for_destination(vn.gateway.ledger, eco_id, "asw:TH")
+        assert delivered.state is State.DELIVERED, delivered.detail
+        received = await pair.th_agencies.wait_for("customs", 1)
+        assert received[0].headers["Idempotency-Key"] == f"{eco_id}:customs"
+    finally:
+        await vn.close()
