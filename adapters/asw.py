@@ -406,10 +406,11 @@ def withheld_peers(destinations: Mapping[str, DestinationConfig], partners: Part
     """The rules file's ASW destinations whose peer NSW the partner registry gives no endpoint, each with why.
 
     The registry decides which peers are live, named in the rules file or not: such a destination is
-    not routed to (NO_ROUTE at the ingress) and gets no lane until the registry gives its peer an
-    endpoint, with no edit of the rules. A destination whose peer cannot be told (several peers for the
-    country and no ``peer`` option, or a ``peer`` option naming a party that is not a peer) is not
-    withheld: that is a fault of the rules file, which ``build_peer_adapter`` reports.
+    not routed to (NO_ROUTE at the ingress), and what is queued for it is held (``PeerWithheld``), until
+    the registry gives its peer an endpoint, with no edit of the rules. A destination whose peer cannot
+    be told (several peers for the country and no ``peer`` option, or a ``peer`` option naming a party
+    that is not a peer) is not withheld: that is a fault of the rules file, which ``build_peer_adapter``
+    reports.
     """
     live = {p.identity: p for p in partners.parties() if p.role == "peer" and p.endpoint is not None}
     withheld: dict[str, str] = {}

@@ -49,7 +49,8 @@ Exported (a single process: its own counts, Prometheus sums separate ingress and
                                                       being known (the covering CRLs' nextUpdate); <= 0: stale,
                                                       signers under that CA are refused CERT_UNTRUSTED now
     nsw_peer_withheld{destination}                    1 for an ASW peer the rules file names and the partner registry
-                                                      gives no endpoint: refused NO_ROUTE, no lane, until it has one
+                                                      gives no endpoint: refused NO_ROUTE, what is queued for it
+                                                      held (PEER_WITHHELD), until it has one
     nsw_routing_reloads_total{outcome}                ok | error
     nsw_trust_reloads_total{outcome}                  ok | error: trust directory and partner registry re-read
                                                       after a change (error: the old ones stay in force)

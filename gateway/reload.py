@@ -29,10 +29,10 @@ verify. Nothing is sent to the endpoint it had either: its lane's adapter checks
 attempt (``adapters.asw.PeerWithheld``), so what was already queued waits in RETRY_WAIT with code
 PEER_WITHHELD and goes out when the peer is given an endpoint again (or is dead-lettered at
 ``max_age``). A registry change of peers alone triggers the reload, like a changed rules file. A peer
-the rules file names is live on the same terms
-(``adapters.asw.withheld_peers``): while the registry gives it no endpoint it is withheld (NO_ROUTE, no
-new lane, no adapter rebuilt: none could be), and when it gets one it joins with the file's options, on
-the lane it had if it had one (whose adapter is rebuilt for the rules and endpoint in force).
+the rules file names is live on the same terms (``adapters.asw.withheld_peers``): while the registry
+gives it no endpoint it is withheld (NO_ROUTE, no new lane, no adapter rebuilt: none could be), and when
+it gets one it joins with the file's options, on the lane it had if it had one (whose adapter is rebuilt
+for the rules and endpoint in force).
 
 Any failure in 1-3 keeps the old rules and logs ``routing.reload_rejected`` with the error text; a
 file that failed is not retried until it changes again (or SIGHUP). What a reload does NOT do: stop
