@@ -7,8 +7,9 @@ them (NO_ROUTE) and stop VN sending what it had queued to the endpoint TH had (P
 it back must use the lane it had.
 
 The registry decides for a peer the rules file names (``asw:TH: {adapter: asw, ...}``) as well: without
-an endpoint it is withheld (NO_ROUTE naming why, no lane, the gateway still starts and serves every
-other flow), and it is routed to, with the rules file's options, once the registry gives it one.
+an endpoint it is withheld (NO_ROUTE naming why, what was queued for it held with PEER_WITHHELD, the
+gateway still starts and serves every other flow), and it is routed to, with the rules file's options,
+once the registry gives it one.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +57,15 @@ def set_th_endpoint(dirs: PairDirs, endpoint: dict[str, Any] | None) -> Any:
     return set_peer_endpoint(dirs.vn / "partners.yaml", TH, endpoint)
 
 
+async def post_form_d(pair: CrossBorder) -> tuple[int, bytes, Mapping[str, str]]:
+    """VN-MOIT's e-Form D for TH posted at VN-NSW: (status, answer, headers)."""
+    form_d = issue_form_d(pair.dirs.signer("VN-MOIT"))
+    return await post(pair.vn.url, form_d, client_tls(pair.dirs.vn, pair.dirs.party("VN-MOIT")))
+
+
 async def send_form_d(pair: CrossBorder) -> tuple[int, str | None, str]:
     """VN-MOIT's e-Form D for TH at VN-NSW: (status, rejection code, messageId or the answer)."""
-    form_d = issue_form_d(pair.dirs.signer("VN-MOIT"))
-    status, answer, headers = await post(pair.vn.url, form_d, client_tls(pair.dirs.vn, pair.dirs.party("VN-MOIT")))
+    status, answer, headers = await post_form_d(pair)
     return status, headers.get("X-NSW-Code"), headers.get("X-NSW-Message-Id") or answer[:600].decode()
 
 
@@ -73,8 +79,7 @@ async def reload(trust: TrustReloader, routing: RoutingReloader) -> ReloadOutcom
 
 async def refused_for_th(pair: CrossBorder) -> None:
     """An e-Form D for TH is refused NO_ROUTE, the signed rejection saying TH is withheld and why."""
-    form_d = issue_form_d(pair.dirs.signer("VN-MOIT"))
-    status, answer, headers = await post(pair.vn.url, form_d, client_tls(pair.dirs.vn, pair.dirs.party("VN-MOIT")))
+    status, answer, headers = await post_form_d(pair)
     assert (status, headers.get("X-NSW-Code")) == (422, "NO_ROUTE")
     detail = etree.fromstring(answer).findtext(f".//{{{RECEIPT_NS}}}detail")
     assert detail == (
