@@ -376,6 +376,9 @@ class MetricsLedger:
     async def dead_destinations(self) -> list[str]:
         return await self.inner.dead_destinations()
 
+    async def pending_destinations(self) -> dict[str, int]:
+        return await self.inner.pending_destinations()
+
     async def audit_tail(self, after_seq: int = 0, limit: int = 1000) -> list[AuditRecord]:
         return await self.inner.audit_tail(after_seq, limit)
 

@@ -83,6 +83,11 @@ class Ledger(Protocol):
         """Every destination with at least one copy DEAD now, sorted (a full scan: for operator commands)."""
         ...
 
+    async def pending_destinations(self) -> dict[str, int]:
+        """Every destination holding accepted copies not yet delivered or dead-lettered, with how many
+        (an index walk over that backlog: a worker asks at start-up which queues it must consume)."""
+        ...
+
     async def audit_tail(self, after_seq: int = 0, limit: int = 1000) -> list[AuditRecord]:
         """Audit records with seq > ``after_seq``, in seq order."""
         ...

@@ -49,6 +49,7 @@ SCHEMA = (
         document_type TEXT, destination TEXT, digest TEXT, attempt INTEGER, code TEXT, detail TEXT NOT NULL,
         prev_hash TEXT NOT NULL, hash TEXT NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS audit_by_message ON audit (message_id, seq)",
+    sql.PENDING_INDEX,
     """CREATE TABLE IF NOT EXISTS audit_head (
         id INTEGER PRIMARY KEY CHECK (id = 1), seq BIGINT NOT NULL, hash TEXT NOT NULL)""",
 )
@@ -170,6 +171,11 @@ class PostgresLedger(GroupCommitLedger):
         with _unavailable("dead destinations"):
             rows = await self._connected().fetch(sql.DEAD_DESTINATIONS)
         return [str(r[0]) for r in rows]
+
+    async def pending_destinations(self) -> dict[str, int]:
+        with _unavailable("pending destinations"):
+            rows = await self._connected().fetch(sql.PENDING_DESTINATIONS)
+        return {str(r[0]): int(r[1]) for r in rows}
 
     async def audit_tail(self, after_seq: int = 0, limit: int = 1000) -> list[AuditRecord]:
         with _unavailable("audit tail"):

@@ -53,6 +53,7 @@ SCHEMA = (
         document_type TEXT, destination TEXT, digest TEXT, attempt INTEGER, code TEXT, detail TEXT NOT NULL,
         prev_hash TEXT NOT NULL, hash TEXT NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS audit_by_message ON audit (message_id, seq)",
+    sql.PENDING_INDEX,
     """CREATE TABLE IF NOT EXISTS audit_head (
         id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL, hash TEXT NOT NULL)""",
 )
@@ -132,6 +133,9 @@ class SqliteLedger(GroupCommitLedger):
 
     async def dead_destinations(self) -> list[str]:
         return await self._read(lambda conn: [str(r[0]) for r in conn.execute(sql.DEAD_DESTINATIONS)])
+
+    async def pending_destinations(self) -> dict[str, int]:
+        return await self._read(lambda conn: {str(d): int(n) for d, n in conn.execute(sql.PENDING_DESTINATIONS)})
 
     async def audit_tail(self, after_seq: int = 0, limit: int = 1000) -> list[AuditRecord]:
         return await self._read(

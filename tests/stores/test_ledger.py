@@ -244,6 +244,24 @@ async def test_dead_destinations_are_those_with_a_copy_dead_now(ledger: Ledger) 
     assert await ledger.dead_destinations() == ["moit"]
 
 
+async def test_pending_destinations_count_the_copies_not_yet_delivered_or_dead(ledger: Ledger) -> None:
+    assert await ledger.pending_destinations() == {}
+    await accepted(ledger, "m-1", ("moit", "customs", "asw:TH"))
+    await accepted(ledger, "m-2", ("moit", "customs"))
+    await accepted(ledger, "m-3", ("moit",))
+    assert await ledger.pending_destinations() == {"asw:TH": 1, "customs": 2, "moit": 3}
+
+    await ledger.record([Event(State.DELIVERING, "m-1", "moit", attempt=1), Event(State.DELIVERED, "m-1", "moit")])
+    await ledger.record([Event(State.RETRY_WAIT, "m-2", "moit", attempt=1, code="HTTP_503")])
+    await ledger.record([Event(State.DEAD, "m-1", "customs", attempt=9), Event(State.DEAD, "m-2", "customs")])
+    await ledger.record([Event(State.DELIVERING, "m-1", "asw:TH", attempt=1)])
+    assert await ledger.pending_destinations() == {"asw:TH": 1, "moit": 2}  # customs: both dead
+
+    await ledger.record([Event(State.REPLAYED, "m-2", "customs", detail="operator")])  # back in its queue
+    await ledger.record([Event(State.DELIVERED, "m-1", "asw:TH", attempt=1)])
+    assert await ledger.pending_destinations() == {"customs": 1, "moit": 2}
+
+
 async def test_status_of_an_unknown_message_is_none(ledger: Ledger) -> None:
     assert await ledger.status("nobody") is None
 
