@@ -29,12 +29,14 @@ import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, Final, Protocol
 
 import aiohttp
 from lxml import etree
 
 from adapters.base import DeliveryReceipt, FileStamp, stamp_files
+from adapters.held import HoldingAdapter
 from adapters.http import client_ssl_context, parse_retry_after
 from adapters.options import Options
 from gateway.envelope import NSMAP, format_datetime, parse_header, q
@@ -43,7 +45,7 @@ from gateway.model import Delivery, Header, PartyRef
 from gateway.partners import PartnerRegistry, Party, PeerEndpoint
 from gateway.proofs import ProofStore, proof_digest
 from gateway.receipts import RECEIPT_NS
-from gateway.retry import RetryAfterFailure
+from gateway.retry import DeliveryHeld, RetryAfterFailure
 from gateway.security.parse import parse_message, parse_untrusted
 from gateway.security.sign import EnvelopeSigner, to_bytes
 from gateway.security.verify import Verifier
@@ -52,6 +54,7 @@ from routing.config import DestinationConfig
 ASW_KIND: Final = "asw"
 PEER_PREFIX: Final = "asw:"
 MAX_ANSWER_BYTES: Final = 1024 * 1024  # a receipt is a few kB; anything far larger is not one
+WITHHELD_CODE: Final = "PEER_WITHHELD"
 HELD_NOTE: Final = "what is queued for it is not sent (PEER_WITHHELD) until the registry gives it an endpoint again"
 PEER_TRANSIENT_CODES: Final = frozenset({"UNAVAILABLE", "RATE_LIMITED"})  # the peer's outage, not a verdict
 RECEIPT: Final = f"{{{RECEIPT_NS}}}Receipt"
@@ -207,17 +210,14 @@ class PeerReceipt:
     body: bytes  # the signed receipt exactly as received
 
 
-class PeerWithheld(RetryAfterFailure):
+class PeerWithheld(DeliveryHeld):
     """The registry gives the peer no endpoint (any more): nothing is sent, not to the endpoint it had
     either. Retried on the destination's schedule (RETRY_WAIT, code ``PEER_WITHHELD``, in the
-    status and the audit trail), dead-lettered at ``max_age`` like any delivery that cannot be made, and
-    delivered once the registry gives the peer an endpoint again. ``retry_after`` 0: never retried in
-    process, where waiting a moment cannot change the registry."""
+    status and the audit trail), dead-lettered at the retry policy's limits like any delivery that cannot
+    be made, and delivered once the registry gives the peer an endpoint again."""
 
     def __init__(self, why: str) -> None:
-        super().__init__(
-            "PEER_WITHHELD", f"{why}: not sent; retried on the destination's schedule until it has one", 0.0
-        )
+        super().__init__(WITHHELD_CODE, f"{why}: not sent; retried on the destination's schedule until it has one")
 
 
 class AswAdapter:
@@ -265,6 +265,10 @@ class AswAdapter:
         if current.endpoint is None:
             return f"peer {self.peer.identity} has no endpoint in the partner registry"
         return None
+
+    def held(self) -> str | None:
+        """``PEER_WITHHELD`` while each attempt sends nothing (``withheld``), else None."""
+        return None if self.withheld() is None else WITHHELD_CODE
 
     async def deliver(self, delivery: Delivery) -> DeliveryReceipt:
         why = self.withheld()
@@ -385,21 +389,12 @@ def build_peer_adapter(
     return AswAdapter(name, peer, context, transport)
 
 
-class WithheldPeerAdapter:
-    """The lane of a peer the rules file names while the registry gives it no endpoint (at start-up): it
-    holds what is queued for it (``PeerWithheld`` at every attempt, as a built peer adapter does once the
-    registry takes its endpoint away) until the routing reload that follows the registry giving the peer
-    an endpoint replaces it with the real adapter."""
-
-    def __init__(self, name: str, why: str) -> None:
-        self.name = name
-        self.why = why
-
-    async def deliver(self, delivery: Delivery) -> DeliveryReceipt:
-        raise PeerWithheld(self.why)
-
-    async def close(self) -> None:
-        return None
+def withheld_peer_adapter(name: str, why: str) -> HoldingAdapter:
+    """The lane, at start-up, of a peer the registry gives no endpoint, which the rules file names or for
+    which accepted copies are still queued: it holds them (``PeerWithheld`` at every attempt, as a built
+    peer adapter does once the registry takes its endpoint away) until the routing reload that follows
+    the registry giving the peer an endpoint replaces it with the real adapter."""
+    return HoldingAdapter(name, partial(PeerWithheld, why))
 
 
 def withheld_peers(destinations: Mapping[str, DestinationConfig], partners: PartnerRegistry) -> dict[str, str]:
@@ -427,5 +422,10 @@ def withheld_peers(destinations: Mapping[str, DestinationConfig], partners: Part
         elif name.startswith(PEER_PREFIX):
             country = name.removeprefix(PEER_PREFIX)
             if not any(p.country == country for p in live.values()):
-                withheld[name] = f"no peer NSW for {country} has an endpoint in the partner registry"
+                withheld[name] = no_live_peer(name)
     return withheld
+
+
+def no_live_peer(destination: str) -> str:
+    """Why ``asw:<country>`` cannot be sent to when no peer NSW of that country has an endpoint."""
+    return f"no peer NSW for {destination.removeprefix(PEER_PREFIX)} has an endpoint in the partner registry"

@@ -68,3 +68,10 @@ def changed_files(adapter: Adapter) -> list[str]:
     """The files ``adapter`` loaded (``loaded_files``) that have changed since; [] for adapters that load none."""
     loaded: tuple[FileStamp, ...] = getattr(adapter, "loaded_files", ())
     return changed_paths(loaded, stamp_files(stamp[0] for stamp in loaded))
+
+
+def held_code(adapter: Adapter) -> str | None:
+    """The code every attempt on ``adapter`` fails with while it sends nothing at all (an adapter that
+    holds what is queued for its lane says so with a ``held()`` method), or None while it delivers."""
+    held = getattr(adapter, "held", None)
+    return held() if held is not None else None

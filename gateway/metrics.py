@@ -74,6 +74,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from adapters.base import held_code
 from gateway.access import metrics_allowed
 from gateway.audit import AuditRecord, AuditReport
 from gateway.errors import BrokerUnavailable, ErrorCode
@@ -427,6 +428,29 @@ class WithheldPeersCollector(Collector):
         )
         for destination in sorted(self._withheld()):
             family.add_metric([destination], 1.0)
+        yield family
+
+
+class HeldLanesCollector(Collector):
+    """``nsw_destination_held``: the delivery lanes whose every attempt sends nothing and holds the copy in
+    RETRY_WAIT (``adapters.base.held_code``), read from the adapters in force at scrape time. An ASW peer
+    the registry gives no endpoint (PEER_WITHHELD) or a destination the rules no longer configure while
+    copies are queued for it (DESTINATION_REMOVED): what waits there is dead-lettered at the retry limits
+    unless the configuration changes, which is worth an alert."""
+
+    def __init__(self, adapters: Callable[[], Mapping[str, Any]]) -> None:
+        self._adapters = adapters  # -> Gateway.adapters: the lanes this process runs
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily(
+            "nsw_destination_held",
+            "1 for a destination whose deliveries are held, not sent (code: why); they wait in RETRY_WAIT",
+            labels=["destination", "code"],
+        )
+        for name, adapter in sorted(self._adapters().items()):
+            code = held_code(adapter)
+            if code is not None:
+                family.add_metric([name, code], 1.0)
         yield family
 
 

@@ -38,8 +38,10 @@ Any failure in 1-3 keeps the old rules and logs ``routing.reload_rejected`` with
 file that failed is not retried until it changes again (or SIGHUP). What a reload does NOT do: stop
 consuming a removed destination (its queue keeps draining with its last settings, which is what one
 wants for messages already accepted; ``routing.reload_needs_restart`` lists them). Restart the
-workers to stop those. A certificate rotated half-way (the new certificate, the old key) is refused like
-any bad option and tried again when the files change again: the old adapter keeps delivering meanwhile.
+workers to stop those: after the restart what is still queued for them is held, not sent
+(``adapters.held``), until a reload configures them again. A certificate rotated half-way (the new
+certificate, the old key) is refused like any bad option and tried again when the files change again:
+the old adapter keeps delivering meanwhile.
 """
 
 from __future__ import annotations
@@ -275,7 +277,8 @@ class RoutingReloader:
                 "routing.reload_needs_restart",
                 removed=list(removed),
                 detail="running workers keep draining the queues of removed destinations, with their last "
-                "settings, until they restart",
+                "settings, until they restart; after a restart what is still queued for them is held "
+                "(DESTINATION_REMOVED) until they are configured again",
             )
         return ReloadOutcome(
             True, source, None, added, removed, changed, tuple(sorted(rotated)), joined, left, tuple(sorted(withheld))

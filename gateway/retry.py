@@ -37,6 +37,16 @@ class RetryAfterFailure(TransientFailure):
         self.retry_after = retry_after
 
 
+class DeliveryHeld(RetryAfterFailure):
+    """The gateway held the attempt back itself (its configuration gives the destination nowhere to send
+    to): nothing reached the receiver, so the breaker hears no verdict, and the status keeps this reason
+    rather than turning into CIRCUIT_OPEN after a few held copies. ``retry_after`` 0: never retried in
+    process, where waiting a moment cannot change the configuration."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(code, detail, retry_after=0.0)
+
+
 class CircuitOpen(RetryAfterFailure):
     """The destination's circuit is open: the attempt was not made and never reached the receiver."""
 
@@ -211,6 +221,9 @@ async def _retry(
 async def _attempt(adapter: Adapter, delivery: Delivery, breaker: CircuitBreaker) -> DeliveryReceipt:
     try:
         receipt = await adapter.deliver(delivery)
+    except DeliveryHeld:
+        breaker.release()
+        raise
     except TransientFailure:
         breaker.record_failure()
         raise

@@ -14,8 +14,18 @@ from typing import Any
 
 import structlog
 
-from adapters.asw import ASW_KIND, HELD_NOTE, PeerContext, WithheldPeerAdapter, build_peer_adapter, withheld_peers
+from adapters.asw import (
+    ASW_KIND,
+    HELD_NOTE,
+    PEER_PREFIX,
+    PeerContext,
+    build_peer_adapter,
+    no_live_peer,
+    withheld_peer_adapter,
+    withheld_peers,
+)
 from adapters.base import Adapter
+from adapters.held import REMOVED_NOTE, removed_destination_adapter
 from adapters.registry import build_adapter
 from gateway.brokers.base import Broker
 from gateway.brokers.factory import make_broker
@@ -25,6 +35,7 @@ from gateway.metrics import (
     CrlExpiryCollector,
     EventCounter,
     GatewayMetrics,
+    HeldLanesCollector,
     MetricsLedger,
     WithheldPeersCollector,
 )
@@ -152,6 +163,7 @@ class Gateway:
         metrics.add_collector(CertificateExpiryCollector(CertificateInventory(settings, partners).current))
         metrics.add_collector(CrlExpiryCollector(trust.revocation_coverage))
         metrics.add_collector(WithheldPeersCollector(lambda: pipeline.admission.withheld))
+        metrics.add_collector(HeldLanesCollector(lambda: gateway.adapters))
         return gateway
 
     def build_adapters(self, base_dir: Path | None = None) -> dict[str, Adapter]:
@@ -161,7 +173,7 @@ class Gateway:
         context = self._peer_context()
         withheld = self.pipeline.admission.withheld  # peers with no endpoint: their lanes hold what is queued
         adapters: dict[str, Adapter] = {
-            name: WithheldPeerAdapter(name, withheld[name])
+            name: withheld_peer_adapter(name, withheld[name])
             if name in withheld
             else self._build_adapter(name, dest.adapter, dest.options, context, base)
             for name, dest in self.routing.destinations.items()
@@ -169,6 +181,25 @@ class Gateway:
         for name in sorted(peer_destinations(self.partners) - adapters.keys()):
             adapters[name] = build_peer_adapter(name, {}, context)
         return adapters
+
+    def _stranded_lanes(self, pending: Mapping[str, int], configured: Mapping[str, Adapter]) -> dict[str, Adapter]:
+        """Lanes that hold the accepted copies queued for destinations nothing here can deliver to: one a
+        reload removed from the rules before this restart (``DESTINATION_REMOVED``), or an ASW peer the
+        rules do not name whose endpoint the registry took away (``PEER_WITHHELD``). Without them those
+        queues would not be consumed at all: the copies would wait with nothing saying why, or for how
+        long. A reload that configures such a destination again swaps the real adapter in on its lane."""
+        lanes: dict[str, Adapter] = {}
+        for name, count in sorted(pending.items()):
+            if name in configured:
+                continue
+            if name.startswith(PEER_PREFIX):
+                why = no_live_peer(name)
+                lanes[name] = withheld_peer_adapter(name, why)
+                log.warning("routing.peer_withheld", destination=name, pending=count, detail=f"{why}; {HELD_NOTE}")
+            else:
+                lanes[name] = removed_destination_adapter(name)
+                log.warning("routing.destination_removed", destination=name, pending=count, detail=REMOVED_NOTE)
+        return lanes
 
     def adapter_for(self, destination: DestinationConfig) -> Adapter:
         """One destination's adapter, as ``build_adapters`` makes it (a routing reload's new or changed one)."""
@@ -193,7 +224,8 @@ class Gateway:
         return build_adapter(name, kind, options, base_dir=base_dir)
 
     async def start_worker(self, destinations: list[str] | None = None) -> Worker:
-        self.adapters = self.build_adapters()
+        adapters = self.build_adapters()
+        self.adapters = adapters | self._stranded_lanes(await self.ledger.pending_destinations(), adapters)
         policies = {name: (dest.retry, dest.breaker) for name, dest in self.routing.destinations.items()}
         self.worker = Worker(self.broker, self.adapters, policies, self.ledger, prefetch=self.settings.prefetch)
         await self.worker.start(destinations)

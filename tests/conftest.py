@@ -167,7 +167,8 @@ async def make_gateway(pki_dir: Path, tmp_path: Path) -> AsyncIterator[Callable[
 
     async def start(**overrides: Any) -> RunningGateway:
         routing = overrides.pop("routing", None)
-        settings = gateway_settings(pki_dir, tmp_path / f"var{len(opened)}", **overrides)
+        data_dir = overrides.pop("data_dir", tmp_path / f"var{len(opened)}")  # the same one: a restart
+        settings = gateway_settings(pki_dir, data_dir, **overrides)
         gw = await Gateway.open(settings, routing=routing)
         spy = RecordingBroker(gw.broker)
         gw.pipeline.broker = spy

@@ -25,6 +25,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from adapters.base import Adapter, DeliveryReceipt
+from adapters.held import removed_destination_adapter
 from adapters.http import HttpAdapter
 from gateway.brokers.base import (
     Ack,
@@ -473,6 +474,23 @@ async def test_reconfigure_resets_the_breaker_only_for_a_new_adapter_or_breaker_
     assert [r["Idempotency-Key"] for r in moved.requests] == [f"{second.message_id}:moit"]
     with pytest.raises(ConfigError, match="no adapter for destination 'customs'"):
         worker.reconfigure("customs", None, QUICK, STEADY)
+
+
+async def test_a_held_lane_keeps_each_copys_reason_and_never_trips_the_breaker(rig: Rig) -> None:
+    # A lane whose adapter sends nothing (adapters.held): no receiver was tried, so no breaker verdict.
+    tripping = BreakerPolicy(failure_threshold=1, reset_after=60.0)
+    worker = rig.worker(
+        {"gone": (replace(QUICK, max_attempts=3), tripping)}, {"gone": removed_destination_adapter("gone")}
+    )
+    await worker.start()
+    copies = [await rig.send("gone") for _ in range(4)]
+    for d in copies:
+        await rig.recorder.wait_state(d.message_id, State.DEAD)
+        assert _codes(rig, d) == ["DESTINATION_REMOVED"] * 2  # never CIRCUIT_OPEN
+        (dead,) = rig.recorder.of(d.message_id, State.DEAD)
+        assert dead.code == "DESTINATION_REMOVED"
+        assert "'gone' is not in the routing rules in force: not sent" in dead.detail
+    assert worker.breaker_states() == {"gone": "closed"}
 
 
 async def test_exhausted_budget_is_dead(rig: Rig) -> None:

@@ -24,7 +24,8 @@ from typing import Any
 import pytest
 from lxml import etree
 
-from adapters.asw import AswAdapter, HttpsPeerTransport, WithheldPeerAdapter
+from adapters.asw import AswAdapter, HttpsPeerTransport
+from adapters.base import held_code
 from gateway.cli import build_parser
 from gateway.crossborder_demo import (
     client_tls,
@@ -232,7 +233,7 @@ async def test_a_named_peer_without_an_endpoint_is_withheld_at_start_and_routed_
     assert dict(vn.pipeline.admission.withheld) == {
         "asw:TH": "no peer NSW for TH has an endpoint in the partner registry"
     }
-    assert isinstance(vn.adapters["asw:TH"], WithheldPeerAdapter)  # a lane that holds what is queued
+    assert held_code(vn.adapters["asw:TH"]) == "PEER_WITHHELD"  # a lane that holds what is queued
     await refused_for_th(pair)
 
     rules = named_th_rules(pair, tmp_path, timeout=12.5)
@@ -333,10 +334,12 @@ async def test_nothing_queued_is_sent_to_the_endpoint_a_peer_had_once_the_regist
     assert held.state is State.RETRY_WAIT
     assert held.detail.startswith("peer TH-NSW has no endpoint in the partner registry: not sent;")
     assert await pair.th.gateway.ledger.status(eco_id) is None  # TH never got it
+    assert held_metric(vn) == 1.0  # the built adapter holds now (AswAdapter.held)
 
     set_th_endpoint(pair.dirs, taken)
     assert (await reload(trust, routing)).peers_joined == ("asw:TH",)
     await delivered_to_th(pair, eco_id, 1)
+    assert held_metric(vn) is None
 
 
 async def destination_code(gateway: Gateway, message_id: str, code: str, within: float = 15.0) -> DestinationStatus:
@@ -350,20 +353,24 @@ async def destination_code(gateway: Gateway, message_id: str, code: str, within:
             await asyncio.sleep(0.05)
 
 
+@pytest.mark.parametrize("named", [True, False], ids=["named", "unnamed"])
 async def test_what_was_queued_for_a_peer_withheld_across_a_restart_is_held_then_delivered(
-    cross_border: Callable[..., Awaitable[CrossBorder]], tmp_path: Path
+    cross_border: Callable[..., Awaitable[CrossBorder]], tmp_path: Path, named: bool
 ) -> None:
     """VN restarted while the registry gives TH no endpoint: the lane it starts with for asw:TH holds what
-    was queued (PEER_WITHHELD, in the status) instead of leaving it unconsumed and unexplained, and the
-    registry giving TH its endpoint back gets it delivered, with no second restart."""
-    pair = await cross_border(th_serving=False)
+    was queued (PEER_WITHHELD, in the status and ``nsw_destination_held``) instead of leaving it unconsumed
+    and unexplained, and the registry giving TH its endpoint back gets it delivered, with no second
+    restart. Unnamed (the registry alone made TH a destination), the lane comes from the ledger's record
+    of what is still queued: nothing else at start-up says asw:TH exists."""
+    peers = ["asw:TH"] if named else []
+    pair = await cross_border(th_serving=False, vn_names_th=named)
     status, code, eco_id = await send_form_d(pair)
     assert (status, code) == (202, None), eco_id
     await wait_for_destination(pair.vn.gateway.ledger, eco_id, "asw:TH", states=frozenset({State.RETRY_WAIT}))
     await pair.vn.close()
 
     taken = set_th_endpoint(pair.dirs, None)
-    routing_table = home_routing(pair.vn_agencies.url, tmp_path / "vn-archive", peers=["asw:TH"])
+    routing_table = home_routing(pair.vn_agencies.url, tmp_path / "vn-archive", peers=peers)
     vn = await open_node(
         pair.dirs.vn, tmp_path / "vn-var", identity="VN-NSW", routing=routing_table, sock=loopback_socket()
     )
@@ -372,16 +379,29 @@ async def test_what_was_queued_for_a_peer_withheld_across_a_restart_is_held_then
         held = await destination_code(vn.gateway, eco_id, "PEER_WITHHELD")
         assert held.detail.startswith("no peer NSW for TH has an endpoint in the partner registry: not sent;")
         assert await pair.th.gateway.ledger.status(eco_id) is None
+        assert held_metric(vn.gateway) == 1.0
 
-        rules = write_rules(tmp_path / "vn-rules.yaml", home_rules(pair.vn_agencies.url, tmp_path / "vn-archive"))
+        rules = write_rules(
+            tmp_path / "vn-rules.yaml", home_rules(pair.vn_agencies.url, tmp_path / "vn-archive", peers=peers)
+        )
         trust = TrustReloader(vn.gateway.trust, vn.gateway.partners, vn.gateway.settings.partners_path)
         routing = RoutingReloader(vn.gateway, rules)
         vn.gateway.reloader = routing
         set_th_endpoint(pair.dirs, taken)
         assert (await reload(trust, routing)).peers_joined == ("asw:TH",)
+        assert isinstance(vn.gateway.adapters["asw:TH"], AswAdapter)  # the real adapter, on the lane it had
+        assert held_metric(vn.gateway) is None
+        if not named:
+            return  # its copy goes at its next scheduled attempt: 30 s away on the default policy (the
+            # named peer's is FAST_POLICY); the lane swap above is the same reload path as the named one's
         delivered = await wait_for_destination(vn.gateway.ledger, eco_id, "asw:TH")
         assert delivered.state is State.DELIVERED, delivered.detail
         received = await pair.th_agencies.wait_for("customs", 1)
         assert received[0].headers["Idempotency-Key"] == f"{eco_id}:customs"
     finally:
         await vn.close()
+
+
+def held_metric(gateway: Gateway) -> float | None:
+    samples = parse_metrics(gateway.metrics.exposition().decode())
+    return value(samples, "nsw_destination_held", destination="asw:TH", code="PEER_WITHHELD")
