@@ -241,6 +241,8 @@ class RoutingReloader:
             else:
                 worker.reconfigure(name, replacing.get(name), dest.retry, dest.breaker)
         gw.adapters.update(replacing)
+        for name in sorted(replacing):
+            await self._release_waiting(name)
         if fresh:
             try:
                 await self._consume(new, fresh)
@@ -322,6 +324,18 @@ class RoutingReloader:
             await _close_all([*fresh.values(), *replacing.values()])
             raise
         return fresh, replacing
+
+    async def _release_waiting(self, destination: str) -> None:
+        """A lane with a new adapter (a peer back, a destination configured again, a new URL or certificate):
+        its copies waiting for a retry go now rather than at their scheduled time (up to the last retry
+        tier, an hour by default), since what they waited for may be there now."""
+        try:
+            released = await self.gateway.broker.release_waiting(destination)
+        except BrokerUnavailable as exc:  # they go at their scheduled time instead: nothing is lost
+            log.warning("routing.release_failed", destination=destination, error=str(exc))
+            return
+        if released:
+            log.info("routing.retries_released", destination=destination, released=released)
 
     def _peer_state(self) -> tuple[object, ...]:
         """What the peers' lanes are built from: the ``asw:`` destinations, the endpoints and the stamps of

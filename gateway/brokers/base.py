@@ -83,3 +83,8 @@ class Broker(Protocol):
     async def replay_dead(self, destination: str | None = None, message_id: str | None = None) -> int:
         """Move matching dead letters back to their work queues; returns how many moved."""
         ...
+
+    async def release_waiting(self, destination: str) -> int:
+        """Make every copy of ``destination`` waiting for a retry due now (its lane's configuration changed:
+        what it waited for may be there now); returns how many were released."""
+        ...

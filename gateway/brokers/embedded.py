@@ -62,6 +62,9 @@ SELECT 1 FROM work_items
 WHERE destination = ? AND available_at <= ? AND (lease_until IS NULL OR lease_until < ?)
 LIMIT 1
 """
+_RELEASE_WAITING = """
+UPDATE work_items SET available_at = ? WHERE destination = ? AND available_at > ? AND lease_owner IS NULL
+"""
 _MOVE_TO_DEAD = """
 INSERT INTO dead_letters (destination, message_id, sender, document_type, payload, digest, attempt,
                           first_enqueued_at, headers, code, reason, dead_at)
@@ -455,6 +458,18 @@ class EmbeddedBroker:
             raise BrokerUnavailable(f"embedded broker could not replay dead letters: {exc}") from exc
         self._wake({d.destination for d in replayed})
         return len(replayed)
+
+    async def release_waiting(self, destination: str) -> int:
+        def work(conn: sqlite3.Connection) -> int:
+            now = time.time()
+            return conn.execute(_RELEASE_WAITING, (now, destination, now)).rowcount
+
+        try:
+            released = await self._call(self._transaction, work)
+        except sqlite3.Error as exc:
+            raise BrokerUnavailable(f"embedded broker could not release {destination}'s retries: {exc}") from exc
+        self._wake({destination})
+        return int(released)
 
 
 class EmbeddedSubscription:

@@ -430,9 +430,28 @@ class RabbitMQBroker:
                 moved += len(chosen)
         return moved
 
+    async def release_waiting(self, destination: str) -> int:
+        released = 0
+        for tier in self.retry_tiers:
+            queue = names.retry_queue(destination, tier, self.prefix)
+            async with self._fetched(queue, f"the retry queue {queue}") as messages:
+                if not messages:
+                    continue
+                now, work = time.time(), names.work_queue(destination, self.prefix)
+                copies = [(work, encode(decode(m, destination), now=now), destination) for m in messages]
+                await self._publish_all(copies)
+                # Only after every copy is confirmed: a crash before this line leaves a duplicate, not a loss.
+                for m in messages:
+                    await m.ack()
+                released += len(messages)
+        return released
+
+    def _dead_queue(self, destination: str) -> contextlib.AbstractAsyncContextManager[list[AbstractIncomingMessage]]:
+        return self._fetched(names.dead_queue(destination, self.prefix), f"the dead-letter queue of {destination}")
+
     @contextlib.asynccontextmanager
-    async def _dead_queue(self, destination: str) -> AsyncIterator[list[AbstractIncomingMessage]]:
-        """Every message of a dead queue, unacknowledged; whatever is not acked goes back on exit.
+    async def _fetched(self, name: str, what: str) -> AsyncIterator[list[AbstractIncomingMessage]]:
+        """Every message of a queue, unacknowledged; whatever is not acked goes back on exit.
 
         Closing the channel returns the unacked messages in their original order (quorum queues
         keep their position). A concurrent listing sees only what this one is not holding.
@@ -441,13 +460,11 @@ class RabbitMQBroker:
             connection = await self._robust_connection()
             channel = await connection.channel(publisher_confirms=False)
         except _FAILURES as exc:
-            raise BrokerUnavailable(f"cannot open the dead-letter queue of {destination}: {exc!r}") from exc
+            raise BrokerUnavailable(f"cannot open {what}: {exc!r}") from exc
         try:
             try:
-                # Passive: listing a destination that never existed must not create its queues.
-                queue = await channel.declare_queue(
-                    names.dead_queue(destination, self.prefix), passive=True, robust=False
-                )
+                # Passive: a destination that never existed must not get queues from a look at them.
+                queue = await channel.declare_queue(name, passive=True, robust=False)
             except ChannelNotFoundEntity:
                 yield []
                 return
@@ -456,7 +473,7 @@ class RabbitMQBroker:
                 messages.append(message)
             yield messages
         except _FAILURES as exc:
-            raise BrokerUnavailable(f"dead-letter queue of {destination} failed: {exc!r}") from exc
+            raise BrokerUnavailable(f"{what} failed: {exc!r}") from exc
         finally:
             if not channel.is_closed:
                 await channel.close()

@@ -9,7 +9,9 @@ import pytest
 from broker_kit import TEST_DELIVERY_LIMIT, WAIT, Collector, consume_until, eventually, make_delivery
 from structlog.testing import capture_logs
 
+from gateway.brokers import names
 from gateway.brokers.base import Ack, Broker, DeadLetter, Outcome, Retry
+from gateway.brokers.rabbitmq import RabbitMQBroker
 from gateway.model import Delivery
 
 
@@ -54,6 +56,27 @@ async def test_retry_comes_back_after_the_delay(broker: Broker, count_attempt: b
     assert (first.attempt, second.attempt) == (1, expected_attempt)
     assert seen_at[1] - seen_at[0] >= 0.3  # never early: the delay is a floor
     assert await broker.list_dead("customs") == []
+
+
+async def test_release_makes_the_copies_waiting_for_a_retry_due_now(broker: Broker) -> None:
+    if isinstance(broker, RabbitMQBroker):  # a tier an hour long (set before anything is declared)
+        broker.retry_tiers = names.normalise_tiers((*broker.retry_tiers, 3600.0))
+    waiting, other = make_delivery("customs"), make_delivery("moit-licensing")
+    await broker.publish([waiting, other])
+    got = Collector(lambda _d, sightings: Retry(3600.0, "held") if sightings == 0 else Ack())
+    sub = await broker.consume("customs", got)
+    try:
+        await got.wait_for_count(1)
+        assert await eventually(lambda: broker.release_waiting("customs")) == 1  # once its Retry is applied
+        await got.wait_for_count(2)  # within the kit's WAIT, not an hour later
+    finally:
+        await sub.stop()
+    first, second = got.seen
+    assert first.attempt == 1
+    assert (second.message_id, second.payload, second.attempt) == (waiting.message_id, waiting.payload, 2)
+    assert await broker.release_waiting("customs") == 0  # nothing left waiting
+    assert await broker.release_waiting("moit-licensing") == 0  # a ready copy is not "waiting"
+    assert [d.message_id for d in await consume_until(broker, "moit-licensing", 1)] == [other.message_id]
 
 
 async def test_dead_letter_is_listed_until_replayed_and_replay_resets_the_attempt(broker: Broker) -> None:

@@ -391,10 +391,9 @@ async def test_what_was_queued_for_a_peer_withheld_across_a_restart_is_held_then
         assert (await reload(trust, routing)).peers_joined == ("asw:TH",)
         assert isinstance(vn.gateway.adapters["asw:TH"], AswAdapter)  # the real adapter, on the lane it had
         assert held_metric(vn.gateway) is None
-        if not named:
-            return  # its copy goes at its next scheduled attempt: 30 s away on the default policy (the
-            # named peer's is FAST_POLICY); the lane swap above is the same reload path as the named one's
-        delivered = await wait_for_destination(vn.gateway.ledger, eco_id, "asw:TH")
+        # Unnamed, its lane has the default policy: the held copy's next attempt was 30 s away. The reload
+        # released it (Broker.release_waiting) when it gave the lane its new adapter.
+        delivered = await wait_for_destination(vn.gateway.ledger, eco_id, "asw:TH", within=10.0)
         assert delivered.state is State.DELIVERED, delivered.detail
         received = await pair.th_agencies.wait_for("customs", 1)
         assert received[0].headers["Idempotency-Key"] == f"{eco_id}:customs"
